@@ -1,0 +1,27 @@
+//! # edge-vision
+//!
+//! An edge gateway for Jetson and Raspberry Pi class devices: a YOLOv8 detector written in
+//! Candle runs on camera frames on the device, and the service behind it stores what was seen.
+//!
+//! # Layout
+//!
+//! * [`detect`] — the detector (feature `agent`): the YOLOv8 network in `candle-nn`
+//!   ([`detect::model`]), the CPU fast path for its convolutions (BatchNorm folded, GEMM with
+//!   fused bias + SiLU), image input and letterboxing ([`detect::image_io`]), decoding and NMS
+//!   ([`detect::postprocess`]), model files ([`detect::weights`]), the native importer of
+//!   Ultralytics checkpoints ([`detect::import`]) and box drawing ([`detect::annotate`]).
+//! * [`fetch`] — `edge-agent model fetch`: downloads a model from `models/manifest.toml` with a
+//!   checksum (feature `agent`).
+//! * `src/bin/edge-agent.rs` — the device agent's command line; thin, over this library.
+//! * `src/bin/edge-sink.rs` — the Kafka -> PostgreSQL sink (feature `sink`).
+//!
+//! Cargo features keep the device build lean: `agent` pulls in Candle and image codecs,
+//! `sink` the data-centre dependencies, `cuda` Candle's GPU kernels for Jetson.
+
+#[cfg(feature = "agent")]
+pub mod detect;
+#[cfg(feature = "agent")]
+pub mod fetch;
+
+/// Version of the crate, printed by both binaries.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
