@@ -49,9 +49,9 @@ thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Column-tile width: about 128 KiB of im2col per tile, so a tile stays in L2.
+/// Column-tile width: about 256 KiB of im2col per tile, so a tile stays in L2.
 fn tile_cols(k_dim: usize) -> usize {
-    let t = (32 * 1024 / k_dim.max(1)).clamp(64, 4096);
+    let t = (64 * 1024 / k_dim.max(1)).clamp(64, 4096);
     t - t % 16
 }
 
@@ -179,6 +179,9 @@ impl FusedConv {
         let kx = r % self.k;
         let plane = &x[ci * h * w..(ci + 1) * h * w];
         let (s, pad) = (self.stride, self.pad);
+        // Output columns ox whose input column ox*s + kx - pad lies inside the image.
+        let ox_lo = pad.saturating_sub(kx).div_ceil(s).min(ow);
+        let ox_hi = if w + pad > kx { ((w - 1 + pad - kx) / s + 1).min(ow) } else { 0 };
         let mut j = 0;
         let mut pos = c0;
         while j < row.len() {
@@ -186,22 +189,24 @@ impl FusedConv {
             let ox0 = pos % ow;
             let run = (ow - ox0).min(row.len() - j);
             let dst = &mut row[j..j + run];
-            let iy = (oy * s + ky) as isize - pad as isize;
-            if iy < 0 || iy >= h as isize {
+            let iy = oy * s + ky;
+            if iy < pad || iy - pad >= h {
                 dst.fill(0.0);
             } else {
-                let src = &plane[iy as usize * w..(iy as usize + 1) * w];
-                if s == 1 {
-                    // ix = ox + kx - pad: one contiguous copy with zero borders.
-                    let shift = kx as isize - pad as isize;
-                    for (t, d) in dst.iter_mut().enumerate() {
-                        let ix = (ox0 + t) as isize + shift;
-                        *d = if ix >= 0 && ix < w as isize { src[ix as usize] } else { 0.0 };
-                    }
-                } else {
-                    for (t, d) in dst.iter_mut().enumerate() {
-                        let ix = ((ox0 + t) * s + kx) as isize - pad as isize;
-                        *d = if ix >= 0 && ix < w as isize { src[ix as usize] } else { 0.0 };
+                let src = &plane[(iy - pad) * w..(iy - pad + 1) * w];
+                let a = ox_lo.clamp(ox0, ox0 + run);
+                let b = ox_hi.clamp(a, ox0 + run);
+                dst[..a - ox0].fill(0.0);
+                dst[b - ox0..].fill(0.0);
+                if a < b {
+                    let first = a * s + kx - pad;
+                    let mid = &mut dst[a - ox0..b - ox0];
+                    if s == 1 {
+                        mid.copy_from_slice(&src[first..first + (b - a)]);
+                    } else {
+                        for (t, d) in mid.iter_mut().enumerate() {
+                            *d = src[first + t * s];
+                        }
                     }
                 }
             }
@@ -217,13 +222,19 @@ fn epilogue_rows(out: &mut [f32], bias: &[f32], n: usize, silu: bool) {
         .for_each(|(row, &b)| epilogue(row, b, silu));
 }
 
-/// `row = silu(row + bias)` (or just `row + bias`), with a runtime-dispatched AVX2 version.
+/// `row = silu(row + bias)` (or just `row + bias`), dispatched at run time to AVX-512 or AVX2
+/// where the CPU has them; the portable version auto-vectorises (NEON on ARM).
 fn epilogue(row: &mut [f32], bias: f32, silu: bool) {
     #[cfg(target_arch = "x86_64")]
     {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was just detected.
+            unsafe { x86::epilogue_avx512(row, bias, silu) };
+            return;
+        }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             // SAFETY: the features were just detected.
-            unsafe { epilogue_avx2(row, bias, silu) };
+            unsafe { x86::epilogue_avx2(row, bias, silu) };
             return;
         }
     }
@@ -231,9 +242,47 @@ fn epilogue(row: &mut [f32], bias: f32, silu: bool) {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn epilogue_avx2(row: &mut [f32], bias: f32, silu: bool) {
-    epilogue_generic(row, bias, silu)
+mod x86 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn epilogue_avx2(row: &mut [f32], bias: f32, silu: bool) {
+        super::epilogue_generic(row, bias, silu)
+    }
+
+    /// SiLU of 16 lanes: `x / (1 + exp(-x))`, exp as `2^f * 2^i` with `scalef` doing the
+    /// `2^i` (no integer conversion).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn silu16(x: __m512) -> __m512 {
+        let t = _mm512_mul_ps(
+            _mm512_max_ps(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), x), _mm512_set1_ps(88.0)), _mm512_set1_ps(-87.0)),
+            _mm512_set1_ps(std::f32::consts::LOG2_E),
+        );
+        let fi = _mm512_roundscale_ps::<0x08>(t); // nearest, no exceptions
+        let f = _mm512_sub_ps(t, fi);
+        let mut p = _mm512_set1_ps(1.525_273_4e-5);
+        for c in [1.540_353e-4, 1.333_355_8e-3, 9.618_129e-3, 5.550_411e-2, 2.402_265_1e-1, std::f32::consts::LN_2, 1.0] {
+            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+        }
+        let e = _mm512_scalef_ps(p, fi);
+        _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0), e))
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn epilogue_avx512(row: &mut [f32], bias: f32, silu: bool) {
+        let b = _mm512_set1_ps(bias);
+        let n = row.len();
+        let p = row.as_mut_ptr();
+        let mut i = 0;
+        while i < n {
+            let m: __mmask16 = if n - i >= 16 { 0xffff } else { ((1u32 << (n - i)) - 1) as u16 };
+            // SAFETY: the mask keeps loads and stores inside row[i..n].
+            let x = _mm512_add_ps(unsafe { _mm512_maskz_loadu_ps(m, p.add(i)) }, b);
+            let y = if silu { silu16(x) } else { x };
+            unsafe { _mm512_mask_storeu_ps(p.add(i), m, y) };
+            i += 16;
+        }
+    }
 }
 
 #[inline(always)]
@@ -428,6 +477,23 @@ mod tests {
         check(8, 5, 3, 1, 5, 7, true);
         check(8, 5, 1, 1, 3, 3, true);
         check(4, 4, 3, 2, 2, 2, false);
+    }
+
+    #[test]
+    fn every_epilogue_matches_exact_silu() {
+        let xs: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) * 0.05).collect();
+        let want: Vec<f32> = xs.iter().map(|&x| (x + 0.5) / (1.0 + (-(x + 0.5)).exp())).collect();
+        let mut a = xs.clone();
+        epilogue(&mut a, 0.5, true); // best available on this CPU
+        let mut b = xs.clone();
+        epilogue_generic(&mut b, 0.5, true);
+        for ((x, y), w) in a.iter().zip(&b).zip(&want) {
+            assert!((x - w).abs() <= 1e-5 * (1.0 + w.abs()) && (y - w).abs() <= 1e-5 * (1.0 + w.abs()), "{x} {y} {w}");
+        }
+        // Odd lengths exercise the masked tail.
+        let mut c = vec![1.0f32; 21];
+        epilogue(&mut c, 1.0, false);
+        assert!(c.iter().all(|&v| v == 2.0));
     }
 
     #[test]
