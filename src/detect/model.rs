@@ -54,6 +54,15 @@ impl std::fmt::Display for ModelSize {
     }
 }
 
+/// What every block's `load` needs besides its weights.
+#[derive(Debug, Clone, Copy)]
+struct Cx {
+    /// BatchNorm epsilon the model was trained with.
+    eps: f64,
+    /// Use our fused GEMM convolution on CPU (false: Candle's stock `conv2d`, the reference).
+    fused: bool,
+}
+
 /// A convolution with its BatchNorm folded in and its activation fused.
 #[derive(Debug)]
 enum ConvImpl {
@@ -70,13 +79,13 @@ enum ConvImpl {
 }
 
 impl ConvImpl {
-    fn new(weight: Vec<f32>, bias: Vec<f32>, dims: [usize; 4], stride: usize, silu: bool, device: &Device) -> Result<Self> {
+    fn new(weight: Vec<f32>, bias: Vec<f32>, dims: [usize; 4], stride: usize, silu: bool, device: &Device, fused: bool) -> Result<Self> {
         let [c_out, c_in, k, k2] = dims;
         if k != k2 {
             candle_core::bail!("non-square kernel {k}x{k2}")
         }
         let pad = k / 2;
-        if device.is_cpu() {
+        if device.is_cpu() && fused {
             return Ok(Self::Cpu(FusedConv { weight, bias, c_in, c_out, k, stride, pad, silu }));
         }
         Ok(Self::Device {
@@ -114,7 +123,7 @@ struct ConvBlock {
 }
 
 impl ConvBlock {
-    fn load(vb: VarBuilder, stride: usize, bn_eps: f64) -> Result<Self> {
+    fn load(vb: VarBuilder, stride: usize, cx: Cx) -> Result<Self> {
         let w = vb.pp("conv").get_unchecked("weight")?;
         let dims: [usize; 4] = w.dims4()?.into();
         let c_out = dims[0];
@@ -127,13 +136,13 @@ impl ConvBlock {
         let per_out = weight.len() / c_out;
         let mut bias = vec![0f32; c_out];
         for co in 0..c_out {
-            let scale = gamma[co] as f64 / (var[co] as f64 + bn_eps).sqrt();
+            let scale = gamma[co] as f64 / (var[co] as f64 + cx.eps).sqrt();
             for v in &mut weight[co * per_out..(co + 1) * per_out] {
                 *v = (*v as f64 * scale) as f32;
             }
             bias[co] = (beta[co] as f64 - mean[co] as f64 * scale) as f32;
         }
-        Ok(Self { conv: ConvImpl::new(weight, bias, dims, stride, true, vb.device())? })
+        Ok(Self { conv: ConvImpl::new(weight, bias, dims, stride, true, vb.device(), cx.fused)? })
     }
 
     fn c_out(&self) -> usize {
@@ -157,11 +166,11 @@ struct PlainConv {
 }
 
 impl PlainConv {
-    fn load(vb: VarBuilder) -> Result<Self> {
+    fn load(vb: VarBuilder, cx: Cx) -> Result<Self> {
         let w = vb.get_unchecked("weight")?;
         let dims: [usize; 4] = w.dims4()?.into();
         let bias = to_f32_vec(&vb.get(dims[0], "bias")?)?;
-        Ok(Self { conv: ConvImpl::new(to_f32_vec(&w)?, bias, dims, 1, false, vb.device())? })
+        Ok(Self { conv: ConvImpl::new(to_f32_vec(&w)?, bias, dims, 1, false, vb.device(), cx.fused)? })
     }
 }
 
@@ -179,9 +188,9 @@ struct Bottleneck {
 }
 
 impl Bottleneck {
-    fn load(vb: VarBuilder, c_in: usize, shortcut: bool, eps: f64) -> Result<Self> {
-        let cv1 = ConvBlock::load(vb.pp("cv1"), 1, eps)?;
-        let cv2 = ConvBlock::load(vb.pp("cv2"), 1, eps)?;
+    fn load(vb: VarBuilder, c_in: usize, shortcut: bool, cx: Cx) -> Result<Self> {
+        let cv1 = ConvBlock::load(vb.pp("cv1"), 1, cx)?;
+        let cv2 = ConvBlock::load(vb.pp("cv2"), 1, cx)?;
         let residual = shortcut && c_in == cv2.c_out();
         Ok(Self { cv1, cv2, residual })
     }
@@ -208,13 +217,13 @@ struct C2f {
 }
 
 impl C2f {
-    fn load(vb: VarBuilder, shortcut: bool, eps: f64) -> Result<Self> {
-        let cv1 = ConvBlock::load(vb.pp("cv1"), 1, eps)?;
-        let cv2 = ConvBlock::load(vb.pp("cv2"), 1, eps)?;
+    fn load(vb: VarBuilder, shortcut: bool, cx: Cx) -> Result<Self> {
+        let cv1 = ConvBlock::load(vb.pp("cv1"), 1, cx)?;
+        let cv2 = ConvBlock::load(vb.pp("cv2"), 1, cx)?;
         let hidden = cv1.c_out() / 2;
         let mut bottleneck = Vec::new();
         while vb.contains_tensor(&format!("bottleneck.{}.cv1.conv.weight", bottleneck.len())) {
-            let b = Bottleneck::load(vb.pp(format!("bottleneck.{}", bottleneck.len())), hidden, shortcut, eps)?;
+            let b = Bottleneck::load(vb.pp(format!("bottleneck.{}", bottleneck.len())), hidden, shortcut, cx)?;
             bottleneck.push(b);
         }
         if bottleneck.is_empty() {
@@ -247,10 +256,10 @@ struct Sppf {
 }
 
 impl Sppf {
-    fn load(vb: VarBuilder, eps: f64) -> Result<Self> {
+    fn load(vb: VarBuilder, cx: Cx) -> Result<Self> {
         Ok(Self {
-            cv1: ConvBlock::load(vb.pp("cv1"), 1, eps)?,
-            cv2: ConvBlock::load(vb.pp("cv2"), 1, eps)?,
+            cv1: ConvBlock::load(vb.pp("cv1"), 1, cx)?,
+            cv2: ConvBlock::load(vb.pp("cv2"), 1, cx)?,
             pool: MaxPoolSame { k: 5 },
         })
     }
@@ -296,18 +305,18 @@ struct DarkNet {
 }
 
 impl DarkNet {
-    fn load(vb: VarBuilder, eps: f64) -> Result<Self> {
+    fn load(vb: VarBuilder, cx: Cx) -> Result<Self> {
         Ok(Self {
-            b1_0: ConvBlock::load(vb.pp("b1.0"), 2, eps)?,
-            b1_1: ConvBlock::load(vb.pp("b1.1"), 2, eps)?,
-            b2_0: C2f::load(vb.pp("b2.0"), true, eps)?,
-            b2_1: ConvBlock::load(vb.pp("b2.1"), 2, eps)?,
-            b2_2: C2f::load(vb.pp("b2.2"), true, eps)?,
-            b3_0: ConvBlock::load(vb.pp("b3.0"), 2, eps)?,
-            b3_1: C2f::load(vb.pp("b3.1"), true, eps)?,
-            b4_0: ConvBlock::load(vb.pp("b4.0"), 2, eps)?,
-            b4_1: C2f::load(vb.pp("b4.1"), true, eps)?,
-            b5: Sppf::load(vb.pp("b5.0"), eps)?,
+            b1_0: ConvBlock::load(vb.pp("b1.0"), 2, cx)?,
+            b1_1: ConvBlock::load(vb.pp("b1.1"), 2, cx)?,
+            b2_0: C2f::load(vb.pp("b2.0"), true, cx)?,
+            b2_1: ConvBlock::load(vb.pp("b2.1"), 2, cx)?,
+            b2_2: C2f::load(vb.pp("b2.2"), true, cx)?,
+            b3_0: ConvBlock::load(vb.pp("b3.0"), 2, cx)?,
+            b3_1: C2f::load(vb.pp("b3.1"), true, cx)?,
+            b4_0: ConvBlock::load(vb.pp("b4.0"), 2, cx)?,
+            b4_1: C2f::load(vb.pp("b4.1"), true, cx)?,
+            b5: Sppf::load(vb.pp("b5.0"), cx)?,
         })
     }
 
@@ -338,14 +347,14 @@ struct Neck {
 }
 
 impl Neck {
-    fn load(vb: VarBuilder, eps: f64) -> Result<Self> {
+    fn load(vb: VarBuilder, cx: Cx) -> Result<Self> {
         Ok(Self {
-            n1: C2f::load(vb.pp("n1"), false, eps)?,
-            n2: C2f::load(vb.pp("n2"), false, eps)?,
-            n3: ConvBlock::load(vb.pp("n3"), 2, eps)?,
-            n4: C2f::load(vb.pp("n4"), false, eps)?,
-            n5: ConvBlock::load(vb.pp("n5"), 2, eps)?,
-            n6: C2f::load(vb.pp("n6"), false, eps)?,
+            n1: C2f::load(vb.pp("n1"), false, cx)?,
+            n2: C2f::load(vb.pp("n2"), false, cx)?,
+            n3: ConvBlock::load(vb.pp("n3"), 2, cx)?,
+            n4: C2f::load(vb.pp("n4"), false, cx)?,
+            n5: ConvBlock::load(vb.pp("n5"), 2, cx)?,
+            n6: C2f::load(vb.pp("n6"), false, cx)?,
         })
     }
 
@@ -367,11 +376,11 @@ struct HeadBranch {
 }
 
 impl HeadBranch {
-    fn load(vb: VarBuilder, eps: f64) -> Result<Self> {
+    fn load(vb: VarBuilder, cx: Cx) -> Result<Self> {
         Ok(Self {
-            c0: ConvBlock::load(vb.pp("0"), 1, eps)?,
-            c1: ConvBlock::load(vb.pp("1"), 1, eps)?,
-            out: PlainConv::load(vb.pp("2"))?,
+            c0: ConvBlock::load(vb.pp("0"), 1, cx)?,
+            c1: ConvBlock::load(vb.pp("1"), 1, cx)?,
+            out: PlainConv::load(vb.pp("2"), cx)?,
         })
     }
 }
@@ -391,12 +400,12 @@ struct Head {
 }
 
 impl Head {
-    fn load(vb: VarBuilder, eps: f64) -> Result<Self> {
+    fn load(vb: VarBuilder, cx: Cx) -> Result<Self> {
         let mut cv2 = Vec::new();
         let mut cv3 = Vec::new();
         for i in 0..3 {
-            cv2.push(HeadBranch::load(vb.pp(format!("cv2.{i}")), eps)?);
-            cv3.push(HeadBranch::load(vb.pp(format!("cv3.{i}")), eps)?);
+            cv2.push(HeadBranch::load(vb.pp(format!("cv2.{i}")), cx)?);
+            cv3.push(HeadBranch::load(vb.pp(format!("cv3.{i}")), cx)?);
         }
         Ok(Self { cv2, cv3 })
     }
@@ -434,11 +443,15 @@ pub struct YoloV8 {
 impl YoloV8 {
     /// Loads the network; shapes come from the weights, `bn_eps` from the model's metadata.
     pub fn load(vb: VarBuilder, bn_eps: f64) -> Result<Self> {
+        Self::load_with(vb, Cx { eps: bn_eps, fused: true })
+    }
+
+    fn load_with(vb: VarBuilder, cx: Cx) -> Result<Self> {
         let stem = vb.get_unchecked("net.b1.0.conv.weight")?;
         let size = ModelSize::from_stem_width(stem.dims4()?.0);
-        let net = DarkNet::load(vb.pp("net"), bn_eps)?;
-        let fpn = Neck::load(vb.pp("fpn"), bn_eps)?;
-        let head = Head::load(vb.pp("head"), bn_eps)?;
+        let net = DarkNet::load(vb.pp("net"), cx)?;
+        let fpn = Neck::load(vb.pp("fpn"), cx)?;
+        let head = Head::load(vb.pp("head"), cx)?;
         let dfl_w = vb.get_unchecked("head.dfl.conv.weight")?;
         let reg_max = dfl_w.elem_count();
         let dfl = to_f32_vec(&dfl_w)?;
@@ -471,4 +484,13 @@ impl YoloV8 {
         }
         Ok(out)
     }
+}
+
+/// The same network run through Candle's stock `conv2d` on CPU instead of our fused GEMM path:
+/// the reference the fast path is tested against. Returns the head outputs flattened like
+/// [`YoloV8::forward`]'s (per level: boxes then classes).
+pub fn reference_forward(tensors: &std::collections::HashMap<String, Tensor>, bn_eps: f64, xs: &Tensor) -> Result<Vec<f32>> {
+    let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
+    let model = YoloV8::load_with(vb, Cx { eps: bn_eps, fused: false })?;
+    Ok(model.forward(xs)?.into_iter().flat_map(|l| l.boxes.into_iter().chain(l.classes)).collect())
 }
