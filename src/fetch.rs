@@ -44,30 +44,54 @@ pub enum FetchError {
     Unknown { name: String, known: String },
     #[error("download of {url} failed: {reason}")]
     Download { url: String, reason: String },
-    #[error("checksum mismatch for {url}: expected {expected}, got {actual}; the download was deleted")]
-    Checksum { url: String, expected: String, actual: String },
+    #[error(
+        "checksum mismatch for {url}: expected {expected}, got {actual}; the download was deleted"
+    )]
+    Checksum {
+        url: String,
+        expected: String,
+        actual: String,
+    },
     #[error("model `{name}` has no pinned sha256 in the manifest; the download's sha256 is {actual}. Re-run with --trust-unpinned to keep it, and pin it in models/manifest.toml")]
     Unpinned { name: String, actual: String },
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Parses a manifest; `source_name` is used in errors.
 pub fn parse_manifest(text: &str, source_name: &str) -> Result<Vec<ManifestEntry>, FetchError> {
-    let m: Manifest = toml::from_str(text).map_err(|e| FetchError::Manifest { source_name: source_name.into(), reason: e.to_string() })?;
+    let m: Manifest = toml::from_str(text).map_err(|e| FetchError::Manifest {
+        source_name: source_name.into(),
+        reason: e.to_string(),
+    })?;
     Ok(m.model)
 }
 
 /// Finds an entry by name.
 pub fn find<'a>(entries: &'a [ManifestEntry], name: &str) -> Result<&'a ManifestEntry, FetchError> {
-    entries.iter().find(|e| e.name == name).ok_or_else(|| FetchError::Unknown {
-        name: name.into(),
-        known: entries.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", "),
-    })
+    entries
+        .iter()
+        .find(|e| e.name == name)
+        .ok_or_else(|| FetchError::Unknown {
+            name: name.into(),
+            known: entries
+                .iter()
+                .map(|e| e.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
 }
 
 /// Downloads `entry` into `dir`, returning the final path. `progress` shows a bar on stderr.
-pub fn fetch(entry: &ManifestEntry, dir: &Path, trust_unpinned: bool, progress: bool) -> Result<PathBuf, FetchError> {
+pub fn fetch(
+    entry: &ManifestEntry,
+    dir: &Path,
+    trust_unpinned: bool,
+    progress: bool,
+) -> Result<PathBuf, FetchError> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| FetchError::Io { path, source }
@@ -75,12 +99,23 @@ pub fn fetch(entry: &ManifestEntry, dir: &Path, trust_unpinned: bool, progress: 
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let dest = dir.join(&entry.file);
     let tmp = dir.join(format!(".{}.part", entry.file));
-    let dl = |reason: String| FetchError::Download { url: entry.url.clone(), reason };
-    let resp = ureq::get(&entry.url).call().map_err(|e| dl(e.to_string()))?;
-    let total = resp.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let dl = |reason: String| FetchError::Download {
+        url: entry.url.clone(),
+        reason,
+    };
+    let resp = ureq::get(&entry.url)
+        .call()
+        .map_err(|e| dl(e.to_string()))?;
+    let total = resp
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     let bar = if progress {
         let bar = indicatif::ProgressBar::new(total.unwrap_or(0));
-        if let Ok(style) = indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}") {
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        ) {
             bar.set_style(style.progress_chars("=> "));
         }
         bar.set_message(entry.name.clone());
@@ -106,10 +141,17 @@ pub fn fetch(entry: &ManifestEntry, dir: &Path, trust_unpinned: bool, progress: 
         let actual = crate::detect::import::hex(&hasher.finalize());
         if entry.sha256.is_empty() {
             if !trust_unpinned {
-                return Err(FetchError::Unpinned { name: entry.name.clone(), actual });
+                return Err(FetchError::Unpinned {
+                    name: entry.name.clone(),
+                    actual,
+                });
             }
         } else if !entry.sha256.eq_ignore_ascii_case(&actual) {
-            return Err(FetchError::Checksum { url: entry.url.clone(), expected: entry.sha256.clone(), actual });
+            return Err(FetchError::Checksum {
+                url: entry.url.clone(),
+                expected: entry.sha256.clone(),
+                actual,
+            });
         }
         std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
         Ok(dest.clone())
@@ -133,12 +175,22 @@ mod tests {
             assert!(e.url.starts_with("https://"), "{}", e.url);
             assert!(e.sha256.is_empty() || e.sha256.len() == 64);
             if e.classes != "metadata" {
-                let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(&e.classes);
-                assert!(p.exists(), "{} names {}, which is missing", e.name, p.display());
+                let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("models")
+                    .join(&e.classes);
+                assert!(
+                    p.exists(),
+                    "{} names {}, which is missing",
+                    e.name,
+                    p.display()
+                );
             }
         }
         assert!(find(&entries, "yolov8n-coco").is_ok());
-        assert!(matches!(find(&entries, "nope"), Err(FetchError::Unknown { .. })));
+        assert!(matches!(
+            find(&entries, "nope"),
+            Err(FetchError::Unknown { .. })
+        ));
     }
 
     #[test]

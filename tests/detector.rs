@@ -12,7 +12,8 @@ use edge_vision::detect::weights::{self, ModelFile};
 use edge_vision::detect::{self, Detector, DetectorConfig, ModelSize};
 
 fn detector(config: DetectorConfig) -> Detector {
-    Detector::load(common::imported_model(), None, &Device::Cpu, config).expect("load imported model")
+    Detector::load(common::imported_model(), None, &Device::Cpu, config)
+        .expect("load imported model")
 }
 
 #[test]
@@ -22,10 +23,20 @@ fn import_keeps_class_names_and_recognises_yolov8s() {
     assert_eq!(det.size(), ModelSize::S);
     let info = det.info();
     assert_eq!(info.bn_eps, 1e-3);
-    assert_eq!(info.metadata.get("format").map(String::as_str), Some(weights::FORMAT));
-    assert_eq!(info.metadata.get("ultralytics_version").map(String::as_str), Some("8.3.202"));
+    assert_eq!(
+        info.metadata.get("format").map(String::as_str),
+        Some(weights::FORMAT)
+    );
+    assert_eq!(
+        info.metadata.get("ultralytics_version").map(String::as_str),
+        Some("8.3.202")
+    );
     // YOLOv8s has ~11.1M parameters.
-    assert!((10_000_000..12_000_000).contains(&info.parameters), "{}", info.parameters);
+    assert!(
+        (10_000_000..12_000_000).contains(&info.parameters),
+        "{}",
+        info.parameters
+    );
 }
 
 #[test]
@@ -42,8 +53,20 @@ fn import_is_deterministic() {
     let mut total = 0;
     for (name, ta) in &fa.tensors {
         let tb = &fb.tensors[name];
-        let va = ta.flatten_all().unwrap().to_dtype(candle_core::DType::F32).unwrap().to_vec1::<f32>().unwrap();
-        let vb = tb.flatten_all().unwrap().to_dtype(candle_core::DType::F32).unwrap().to_vec1::<f32>().unwrap();
+        let va = ta
+            .flatten_all()
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let vb = tb
+            .flatten_all()
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert!(va == vb, "tensor {name} differs between two imports");
         total += va.len();
     }
@@ -60,7 +83,13 @@ fn detections_agree_with_onnx_runtime() {
     for r in &refs {
         let (_, got) = det.detect_file(&common::fixture(&r.image)).expect("detect");
         assert_eq!((got.width, got.height), (r.width, r.height));
-        assert_eq!(got.detections.len(), r.detections.len(), "{}: {:?}", r.image, got.detections);
+        assert_eq!(
+            got.detections.len(),
+            r.detections.len(),
+            "{}: {:?}",
+            r.image,
+            got.detections
+        );
         for want in &r.detections {
             let best = got
                 .detections
@@ -69,7 +98,11 @@ fn detections_agree_with_onnx_runtime() {
                 .max_by(|a, b| iou(&a.bbox, &want.bbox).total_cmp(&iou(&b.bbox, &want.bbox)))
                 .expect("a box of the same class");
             let overlap = iou(&best.bbox, &want.bbox);
-            assert!(overlap >= 0.9, "{}: IoU {overlap} for {want:?} vs {best:?}", r.image);
+            assert!(
+                overlap >= 0.9,
+                "{}: IoU {overlap} for {want:?} vs {best:?}",
+                r.image
+            );
             assert!(
                 (best.confidence - want.confidence).abs() <= 0.02,
                 "{}: confidence {} vs ONNX Runtime {}",
@@ -82,7 +115,13 @@ fn detections_agree_with_onnx_runtime() {
     }
     // The content the issue names, independent of the fixture.
     let (_, bus) = det.detect_file(&common::fixture("bus.jpg")).unwrap();
-    assert_eq!(bus.detections.iter().filter(|d| d.label == "Normal").count(), 3);
+    assert_eq!(
+        bus.detections
+            .iter()
+            .filter(|d| d.label == "Normal")
+            .count(),
+        3
+    );
     for d in &bus.detections {
         // Standing men: taller than wide, in the lower part of the photo.
         let [x1, y1, x2, y2] = d.bbox;
@@ -96,10 +135,17 @@ fn detections_agree_with_onnx_runtime() {
 #[test]
 fn smaller_inputs_still_find_the_people() {
     for size in [320, 416, 480, 512] {
-        let det = detector(DetectorConfig { input_size: size, ..DetectorConfig::default() });
+        let det = detector(DetectorConfig {
+            input_size: size,
+            ..DetectorConfig::default()
+        });
         let (_, r) = det.detect_file(&common::fixture("bus.jpg")).unwrap();
         assert!(r.detections.len() >= 2, "size {size}: {:?}", r.detections);
-        assert!(r.detections.iter().all(|d| d.label == "Normal"), "size {size}: {:?}", r.detections);
+        assert!(
+            r.detections.iter().all(|d| d.label == "Normal"),
+            "size {size}: {:?}",
+            r.detections
+        );
     }
 }
 
@@ -110,8 +156,12 @@ fn greyscale_and_rgba_inputs_work() {
     let dir = tempfile::tempdir().unwrap();
     let grey = dir.path().join("bus-grey.png");
     let rgba = dir.path().join("bus-rgba.png");
-    image::DynamicImage::ImageLuma8(img.to_luma8()).save(&grey).unwrap();
-    image::DynamicImage::ImageRgba8(img.to_rgba8()).save(&rgba).unwrap();
+    image::DynamicImage::ImageLuma8(img.to_luma8())
+        .save(&grey)
+        .unwrap();
+    image::DynamicImage::ImageRgba8(img.to_rgba8())
+        .save(&rgba)
+        .unwrap();
     let (_, g) = det.detect_file(&grey).unwrap();
     assert!(g.detections.len() >= 2, "greyscale: {:?}", g.detections);
     let (_, a) = det.detect_file(&rgba).unwrap();
@@ -122,7 +172,11 @@ fn greyscale_and_rgba_inputs_work() {
 
 /// Tensors of a model, forward output flattened, for exact comparisons.
 fn outputs(det: &Detector, input: &Tensor) -> Vec<f32> {
-    det.forward(input).unwrap().into_iter().flat_map(|l| l.boxes.into_iter().chain(l.classes)).collect()
+    det.forward(input)
+        .unwrap()
+        .into_iter()
+        .flat_map(|l| l.boxes.into_iter().chain(l.classes))
+        .collect()
 }
 
 #[test]
@@ -130,11 +184,17 @@ fn random_yolov8n_saved_and_reloaded_gives_identical_outputs() {
     let tensors = detect::random_yolo_v8(ModelSize::N, 80, 7).unwrap();
     let path = Path::new("in-memory");
     let direct = Detector::from_file(
-        ModelFile { tensors: tensors.clone(), metadata: HashMap::new() },
+        ModelFile {
+            tensors: tensors.clone(),
+            metadata: HashMap::new(),
+        },
         path,
         None,
         &Device::Cpu,
-        DetectorConfig { input_size: 320, ..DetectorConfig::default() },
+        DetectorConfig {
+            input_size: 320,
+            ..DetectorConfig::default()
+        },
     )
     .unwrap();
     assert_eq!(direct.size(), ModelSize::N);
@@ -143,8 +203,16 @@ fn random_yolov8n_saved_and_reloaded_gives_identical_outputs() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("n.safetensors");
     weights::write_safetensors(&file, &tensors, HashMap::new()).unwrap();
-    let reloaded =
-        Detector::load(&file, None, &Device::Cpu, DetectorConfig { input_size: 320, ..DetectorConfig::default() }).unwrap();
+    let reloaded = Detector::load(
+        &file,
+        None,
+        &Device::Cpu,
+        DetectorConfig {
+            input_size: 320,
+            ..DetectorConfig::default()
+        },
+    )
+    .unwrap();
     let img = image::open(common::fixture("zidane.jpg")).unwrap();
     let (input, _) = direct.prepare(&img).unwrap();
     let a = outputs(&direct, &input);
@@ -154,11 +222,17 @@ fn random_yolov8n_saved_and_reloaded_gives_identical_outputs() {
     assert_eq!(a, b, "reloaded model differs");
     // And the outputs depend on the weights (a different seed differs).
     let other = Detector::from_file(
-        ModelFile { tensors: detect::random_yolo_v8(ModelSize::N, 80, 8).unwrap(), metadata: HashMap::new() },
+        ModelFile {
+            tensors: detect::random_yolo_v8(ModelSize::N, 80, 8).unwrap(),
+            metadata: HashMap::new(),
+        },
         path,
         None,
         &Device::Cpu,
-        DetectorConfig { input_size: 320, ..DetectorConfig::default() },
+        DetectorConfig {
+            input_size: 320,
+            ..DetectorConfig::default()
+        },
     )
     .unwrap();
     assert_ne!(a, outputs(&other, &input));
@@ -168,11 +242,17 @@ fn random_yolov8n_saved_and_reloaded_gives_identical_outputs() {
 fn every_stock_size_loads_from_its_shapes() {
     for (size, nc) in [(ModelSize::N, 3), (ModelSize::S, 1), (ModelSize::M, 80)] {
         let det = Detector::from_file(
-            ModelFile { tensors: detect::random_yolo_v8(size, nc, 1).unwrap(), metadata: HashMap::new() },
+            ModelFile {
+                tensors: detect::random_yolo_v8(size, nc, 1).unwrap(),
+                metadata: HashMap::new(),
+            },
             Path::new("random"),
             None,
             &Device::Cpu,
-            DetectorConfig { input_size: 64, ..DetectorConfig::default() },
+            DetectorConfig {
+                input_size: 64,
+                ..DetectorConfig::default()
+            },
         )
         .unwrap();
         assert_eq!(det.size(), size);
@@ -186,11 +266,17 @@ fn the_fused_cpu_path_matches_candles_reference_convolutions() {
     // stock conv2d (the path other devices take): outputs agree.
     let tensors = detect::random_yolo_v8(ModelSize::N, 2, 3).unwrap();
     let fused = Detector::from_file(
-        ModelFile { tensors: tensors.clone(), metadata: HashMap::new() },
+        ModelFile {
+            tensors: tensors.clone(),
+            metadata: HashMap::new(),
+        },
         Path::new("random"),
         None,
         &Device::Cpu,
-        DetectorConfig { input_size: 128, ..DetectorConfig::default() },
+        DetectorConfig {
+            input_size: 128,
+            ..DetectorConfig::default()
+        },
     )
     .unwrap();
     let img = image::open(common::fixture("bus.jpg")).unwrap();
@@ -198,18 +284,29 @@ fn the_fused_cpu_path_matches_candles_reference_convolutions() {
     let ours = outputs(&fused, &input);
     let reference = edge_vision::detect::model::reference_forward(&tensors, 1e-3, &input).unwrap();
     assert_eq!(ours.len(), reference.len());
-    let max_err = ours.iter().zip(&reference).map(|(a, b)| (a - b).abs() / (1.0 + b.abs())).fold(0.0f32, f32::max);
+    let max_err = ours
+        .iter()
+        .zip(&reference)
+        .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
+        .fold(0.0f32, f32::max);
     assert!(max_err < 1e-3, "max relative error {max_err}");
 }
 
 #[test]
 fn bad_model_files_give_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let load = |p: &Path| Detector::load(p, None, &Device::Cpu, DetectorConfig::default()).unwrap_err().to_string();
+    let load = |p: &Path| {
+        Detector::load(p, None, &Device::Cpu, DetectorConfig::default())
+            .unwrap_err()
+            .to_string()
+    };
 
     let missing = dir.path().join("missing.safetensors");
     let e = load(&missing);
-    assert!(e.contains("missing.safetensors") && e.contains("No such file"), "{e}");
+    assert!(
+        e.contains("missing.safetensors") && e.contains("No such file"),
+        "{e}"
+    );
 
     let empty = dir.path().join("empty.safetensors");
     std::fs::write(&empty, b"").unwrap();
@@ -220,26 +317,43 @@ fn bad_model_files_give_clear_errors() {
         let truncated = dir.path().join(format!("cut{cut}.safetensors"));
         std::fs::write(&truncated, &full[..cut]).unwrap();
         let e = load(&truncated);
-        assert!(e.contains("not a valid safetensors file") && e.contains(&format!("cut{cut}")), "{e}");
+        assert!(
+            e.contains("not a valid safetensors file") && e.contains(&format!("cut{cut}")),
+            "{e}"
+        );
     }
 
     let garbage = dir.path().join("garbage.safetensors");
     std::fs::write(&garbage, vec![0xffu8; 4096]).unwrap();
-    assert!(load(&garbage).contains("not a valid safetensors"), "{}", load(&garbage));
+    assert!(
+        load(&garbage).contains("not a valid safetensors"),
+        "{}",
+        load(&garbage)
+    );
 
     // Valid safetensors, wrong model: names the missing tensor.
     let other = dir.path().join("other.safetensors");
     let mut t = HashMap::new();
-    t.insert("foo.weight".to_string(), Tensor::zeros((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap());
+    t.insert(
+        "foo.weight".to_string(),
+        Tensor::zeros((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
     weights::write_safetensors(&other, &t, HashMap::new()).unwrap();
     let e = load(&other);
-    assert!(e.contains("not a YOLOv8") && e.contains("net.b1.0.conv.weight"), "{e}");
+    assert!(
+        e.contains("not a YOLOv8") && e.contains("net.b1.0.conv.weight"),
+        "{e}"
+    );
 
     // No tensors at all.
     let none = dir.path().join("none.safetensors");
     weights::write_safetensors(&none, &HashMap::new(), HashMap::new()).unwrap();
     let e = load(&none);
-    assert!(e.contains("none.safetensors") && (e.contains("holds no tensors") || e.contains("not a valid")), "{e}");
+    assert!(
+        e.contains("none.safetensors")
+            && (e.contains("holds no tensors") || e.contains("not a valid")),
+        "{e}"
+    );
 }
 
 /// A minimal pickle: `{"model": DetectionModel()}` with an empty module tree.
@@ -268,7 +382,8 @@ fn zip_with(entries: &[(&str, &[u8])]) -> Vec<u8> {
     let mut buf = std::io::Cursor::new(Vec::new());
     {
         let mut z = zip::ZipWriter::new(&mut buf);
-        let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
         for (name, data) in entries {
             z.start_file(*name, opts).unwrap();
             std::io::Write::write_all(&mut z, data).unwrap();
@@ -282,25 +397,52 @@ fn zip_with(entries: &[(&str, &[u8])]) -> Vec<u8> {
 fn bad_checkpoints_give_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.safetensors");
-    let import = |p: &Path| detect::import::import_checkpoint(p, &out).unwrap_err().to_string();
+    let import = |p: &Path| {
+        detect::import::import_checkpoint(p, &out)
+            .unwrap_err()
+            .to_string()
+    };
 
     let no_tensors = dir.path().join("no-tensors.pt");
-    std::fs::write(&no_tensors, zip_with(&[("ckpt/data.pkl", &empty_model_pickle())])).unwrap();
+    std::fs::write(
+        &no_tensors,
+        zip_with(&[("ckpt/data.pkl", &empty_model_pickle())]),
+    )
+    .unwrap();
     let e = import(&no_tensors);
-    assert!(e.contains("no-tensors.pt") && e.contains("holds no tensors"), "{e}");
+    assert!(
+        e.contains("no-tensors.pt") && e.contains("holds no tensors"),
+        "{e}"
+    );
     assert!(!out.exists(), "nothing is written on failure");
 
     let not_zip = dir.path().join("text.pt");
     std::fs::write(&not_zip, b"hello").unwrap();
-    assert!(import(&not_zip).contains("not a PyTorch zip checkpoint"), "{}", import(&not_zip));
+    assert!(
+        import(&not_zip).contains("not a PyTorch zip checkpoint"),
+        "{}",
+        import(&not_zip)
+    );
 
     let no_pkl = dir.path().join("nopkl.pt");
     std::fs::write(&no_pkl, zip_with(&[("x/readme", b"hi")])).unwrap();
-    assert!(import(&no_pkl).contains("no data.pkl"), "{}", import(&no_pkl));
+    assert!(
+        import(&no_pkl).contains("no data.pkl"),
+        "{}",
+        import(&no_pkl)
+    );
 
     let bad_pkl = dir.path().join("badpkl.pt");
-    std::fs::write(&bad_pkl, zip_with(&[("x/data.pkl", &[0x80, 0x02, 0xff, 0xfe])])).unwrap();
-    assert!(import(&bad_pkl).contains("cannot unpickle"), "{}", import(&bad_pkl));
+    std::fs::write(
+        &bad_pkl,
+        zip_with(&[("x/data.pkl", &[0x80, 0x02, 0xff, 0xfe])]),
+    )
+    .unwrap();
+    assert!(
+        import(&bad_pkl).contains("cannot unpickle"),
+        "{}",
+        import(&bad_pkl)
+    );
 
     assert!(import(&dir.path().join("absent.pt")).contains("absent.pt"));
 
@@ -318,7 +460,10 @@ fn bad_checkpoints_give_clear_errors() {
         }
         entries.push((name, data));
     }
-    let refs: Vec<(&str, &[u8])> = entries.iter().map(|(n, d)| (n.as_str(), d.as_slice())).collect();
+    let refs: Vec<(&str, &[u8])> = entries
+        .iter()
+        .map(|(n, d)| (n.as_str(), d.as_slice()))
+        .collect();
     let cut = dir.path().join("cut.pt");
     std::fs::write(&cut, zip_with(&refs)).unwrap();
     let e = import(&cut);
@@ -349,30 +494,59 @@ fn bad_images_give_clear_errors_and_no_panic() {
     let _ = det.detect_file(&truncated);
 
     let one = dir.path().join("one.png");
-    image::RgbImage::from_pixel(1, 1, image::Rgb([10, 200, 30])).save(&one).unwrap();
+    image::RgbImage::from_pixel(1, 1, image::Rgb([10, 200, 30]))
+        .save(&one)
+        .unwrap();
     let (_, r) = det.detect_file(&one).expect("1x1 image is processed");
     assert_eq!((r.width, r.height), (1, 1));
-    assert!(r.detections.iter().all(|d| d.bbox.iter().all(|v| (0.0..=1.0).contains(v))));
+    assert!(r
+        .detections
+        .iter()
+        .all(|d| d.bbox.iter().all(|v| (0.0..=1.0).contains(v))));
 
     // 10000x10000: refused from the header by default (no 300 MB allocation) ...
     let huge = dir.path().join("huge.png");
     image::GrayImage::new(10_000, 10_000).save(&huge).unwrap();
     let e = err(&huge);
-    assert!(e.contains("10000x10000") && e.contains("over the limit"), "{e}");
+    assert!(
+        e.contains("10000x10000") && e.contains("over the limit"),
+        "{e}"
+    );
     // ... and processed when the limit is raised.
-    let big = detector(DetectorConfig { max_pixels: 100_000_000, ..DetectorConfig::default() });
-    let (_, r) = big.detect_file(&huge).expect("huge image with raised limit");
+    let big = detector(DetectorConfig {
+        max_pixels: 100_000_000,
+        ..DetectorConfig::default()
+    });
+    let (_, r) = big
+        .detect_file(&huge)
+        .expect("huge image with raised limit");
     assert_eq!((r.width, r.height), (10_000, 10_000));
-    assert!(r.detections.is_empty(), "a black image has no people: {:?}", r.detections);
+    assert!(
+        r.detections.is_empty(),
+        "a black image has no people: {:?}",
+        r.detections
+    );
 }
 
 #[test]
 fn invalid_configuration_is_refused() {
     for cfg in [
-        DetectorConfig { input_size: 500, ..DetectorConfig::default() },
-        DetectorConfig { input_size: 0, ..DetectorConfig::default() },
-        DetectorConfig { conf: 1.5, ..DetectorConfig::default() },
-        DetectorConfig { iou: -0.1, ..DetectorConfig::default() },
+        DetectorConfig {
+            input_size: 500,
+            ..DetectorConfig::default()
+        },
+        DetectorConfig {
+            input_size: 0,
+            ..DetectorConfig::default()
+        },
+        DetectorConfig {
+            conf: 1.5,
+            ..DetectorConfig::default()
+        },
+        DetectorConfig {
+            iou: -0.1,
+            ..DetectorConfig::default()
+        },
     ] {
         let e = Detector::load(common::imported_model(), None, &Device::Cpu, cfg).unwrap_err();
         assert!(matches!(e, detect::LoadError::Config(_)), "{e}");

@@ -12,7 +12,11 @@ use clap::{Parser, Subcommand};
 use edge_vision::detect::{self, Detector, DetectorConfig};
 
 #[derive(Parser)]
-#[command(name = "edge-agent", version, about = "Edge vision agent: YOLOv8 detection in Candle")]
+#[command(
+    name = "edge-agent",
+    version,
+    about = "Edge vision agent: YOLOv8 detection in Candle"
+)]
 struct Cli {
     /// Worker threads for inference (default: all cores).
     #[arg(long, global = true)]
@@ -128,12 +132,17 @@ fn input<E: Into<anyhow::Error>>(e: E) -> Fail {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
-        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+        {
             eprintln!("edge-agent: cannot set {n} threads: {e}");
             return ExitCode::from(2);
         }
@@ -148,7 +157,12 @@ fn main() -> ExitCode {
 }
 
 fn load(m: &ModelArgs, conf: f32, iou: f32) -> Result<Detector, Fail> {
-    let config = DetectorConfig { input_size: m.size, conf, iou, ..DetectorConfig::default() };
+    let config = DetectorConfig {
+        input_size: m.size,
+        conf,
+        iou,
+        ..DetectorConfig::default()
+    };
     let device = candle_core::Device::Cpu;
     Detector::load(&m.model, m.names.as_deref(), &device, config).map_err(|e| match e {
         detect::LoadError::Config(e) => Fail(2, e.into()),
@@ -158,10 +172,18 @@ fn load(m: &ModelArgs, conf: f32, iou: f32) -> Result<Detector, Fail> {
 
 fn run(command: Command) -> Result<u8, Fail> {
     match command {
-        Command::Detect { model, conf, iou, json, annotate, images } => {
+        Command::Detect {
+            model,
+            conf,
+            iou,
+            json,
+            annotate,
+            images,
+        } => {
             let det = load(&model, conf, iou)?;
             if let Some(dir) = &annotate {
-                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
             }
             let mut failed = 0;
             for path in &images {
@@ -183,9 +205,16 @@ fn run(command: Command) -> Result<u8, Fail> {
             }
             Ok(if failed > 0 { 3 } else { 0 })
         }
-        Command::Bench { model, image, runs, warmup, json } => {
+        Command::Bench {
+            model,
+            image,
+            runs,
+            warmup,
+            json,
+        } => {
             let det = load(&model, 0.25, 0.45)?;
-            let img = detect::image_io::load_image(&image, det.config().max_pixels).map_err(input)?;
+            let img =
+                detect::image_io::load_image(&image, det.config().max_pixels).map_err(input)?;
             let (tensor, _) = det.prepare(&img)?;
             for _ in 0..warmup {
                 det.forward(&tensor)?;
@@ -230,8 +259,13 @@ fn model_command(command: ModelCommand) -> Result<u8, Fail> {
         ModelCommand::Import { checkpoint, output } => {
             let summary = detect::import::import_checkpoint(&checkpoint, &output).map_err(input)?;
             // Prove the output loads as a detector before calling it done.
-            let det = Detector::load(&output, None, &candle_core::Device::Cpu, DetectorConfig::default())
-                .map_err(|e| Fail(1, anyhow::anyhow!("imported file does not load back: {e}")))?;
+            let det = Detector::load(
+                &output,
+                None,
+                &candle_core::Device::Cpu,
+                DetectorConfig::default(),
+            )
+            .map_err(|e| Fail(1, anyhow::anyhow!("imported file does not load back: {e}")))?;
             println!(
                 "imported {} tensors from {} -> {} (YOLOv8{}, {} classes: {}; bn eps {}; ultralytics {})",
                 summary.tensors,
@@ -245,27 +279,46 @@ fn model_command(command: ModelCommand) -> Result<u8, Fail> {
             );
             Ok(0)
         }
-        ModelCommand::Fetch { name, dir, manifest, trust_unpinned } => {
+        ModelCommand::Fetch {
+            name,
+            dir,
+            manifest,
+            trust_unpinned,
+        } => {
             let entries = read_manifest(manifest.as_deref())?;
             let entry = edge_vision::fetch::find(&entries, &name).map_err(|e| Fail(2, e.into()))?;
-            eprintln!("fetching {} ({}), licence: {}", entry.name, entry.description, entry.licence);
-            let path = edge_vision::fetch::fetch(entry, &dir, trust_unpinned, true).map_err(|e| match e {
-                edge_vision::fetch::FetchError::Download { .. } => Fail(4, e.into()),
-                other => Fail(3, other.into()),
-            })?;
+            eprintln!(
+                "fetching {} ({}), licence: {}",
+                entry.name, entry.description, entry.licence
+            );
+            let path = edge_vision::fetch::fetch(entry, &dir, trust_unpinned, true).map_err(
+                |e| match e {
+                    edge_vision::fetch::FetchError::Download { .. } => Fail(4, e.into()),
+                    other => Fail(3, other.into()),
+                },
+            )?;
             println!("{}", path.display());
             Ok(0)
         }
         ModelCommand::List { manifest } => {
             for e in read_manifest(manifest.as_deref())? {
-                let pin = if e.sha256.is_empty() { "unpinned" } else { "sha256 pinned" };
+                let pin = if e.sha256.is_empty() {
+                    "unpinned"
+                } else {
+                    "sha256 pinned"
+                };
                 println!("{:<16} {} [{}; {}]", e.name, e.description, e.licence, pin);
             }
             Ok(0)
         }
         ModelCommand::Info { model, names } => {
-            let det = Detector::load(&model, names.as_deref(), &candle_core::Device::Cpu, DetectorConfig::default())
-                .map_err(input)?;
+            let det = Detector::load(
+                &model,
+                names.as_deref(),
+                &candle_core::Device::Cpu,
+                DetectorConfig::default(),
+            )
+            .map_err(input)?;
             println!("{}", serde_json::to_string_pretty(det.info())?);
             Ok(0)
         }
@@ -274,10 +327,16 @@ fn model_command(command: ModelCommand) -> Result<u8, Fail> {
 
 fn read_manifest(path: Option<&Path>) -> Result<Vec<edge_vision::fetch::ManifestEntry>, Fail> {
     match path {
-        None => edge_vision::fetch::parse_manifest(edge_vision::fetch::EMBEDDED_MANIFEST, "embedded manifest").map_err(|e| Fail(1, e.into())),
+        None => edge_vision::fetch::parse_manifest(
+            edge_vision::fetch::EMBEDDED_MANIFEST,
+            "embedded manifest",
+        )
+        .map_err(|e| Fail(1, e.into())),
         Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| Fail(2, anyhow::anyhow!("manifest {}: {e}", p.display())))?;
-            edge_vision::fetch::parse_manifest(&text, &p.display().to_string()).map_err(|e| Fail(2, e.into()))
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| Fail(2, anyhow::anyhow!("manifest {}: {e}", p.display())))?;
+            edge_vision::fetch::parse_manifest(&text, &p.display().to_string())
+                .map_err(|e| Fail(2, e.into()))
         }
     }
 }
@@ -287,7 +346,10 @@ fn round2(v: f64) -> f64 {
 }
 
 fn annotated_path(dir: &Path, image: &Path) -> PathBuf {
-    let stem = image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+    let stem = image
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
     dir.join(format!("{stem}.annotated.png"))
 }
 
@@ -314,9 +376,19 @@ fn print_result(path: &Path, r: &detect::ImageResult, json: bool) -> Result<(), 
         });
         println!("{line}");
     } else {
-        println!("{} ({}x{}, {:.1} ms): {} detections", path.display(), r.width, r.height, r.inference_ms, r.detections.len());
+        println!(
+            "{} ({}x{}, {:.1} ms): {} detections",
+            path.display(),
+            r.width,
+            r.height,
+            r.inference_ms,
+            r.detections.len()
+        );
         if !r.detections.is_empty() {
-            println!("  {:<16} {:>5} {:>6}  {:>28}", "label", "class", "conf", "box x1,y1,x2,y2");
+            println!(
+                "  {:<16} {:>5} {:>6}  {:>28}",
+                "label", "class", "conf", "box x1,y1,x2,y2"
+            );
         }
         for d in &r.detections {
             let b = d.bbox;

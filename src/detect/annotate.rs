@@ -54,8 +54,16 @@ fn glyph(c: char) -> [u8; 7] {
 
 /// A distinct colour per class.
 fn colour(class_id: usize) -> Rgb<u8> {
-    const PALETTE: [[u8; 3]; 8] =
-        [[255, 56, 56], [56, 56, 255], [72, 249, 10], [255, 157, 151], [0, 194, 255], [255, 178, 29], [207, 210, 49], [146, 204, 23]];
+    const PALETTE: [[u8; 3]; 8] = [
+        [255, 56, 56],
+        [56, 56, 255],
+        [72, 249, 10],
+        [255, 157, 151],
+        [0, 194, 255],
+        [255, 178, 29],
+        [207, 210, 49],
+        [146, 204, 23],
+    ];
     Rgb(PALETTE[class_id % PALETTE.len()])
 }
 
@@ -110,7 +118,14 @@ pub fn annotate(img: &DynamicImage, detections: &[Detection]) -> RgbImage {
                 put(&mut out, x, y, c);
             }
         }
-        draw_text(&mut out, x1 + scale, ty + scale, &text, scale, Rgb([255, 255, 255]));
+        draw_text(
+            &mut out,
+            x1 + scale,
+            ty + scale,
+            &text,
+            scale,
+            Rgb([255, 255, 255]),
+        );
     }
     out
 }
@@ -122,7 +137,12 @@ mod tests {
     #[test]
     fn draws_box_edges_in_class_colour() {
         let img = DynamicImage::ImageRgb8(RgbImage::new(100, 100));
-        let d = Detection { label: "Normal".into(), class_id: 0, confidence: 0.9, bbox: [20.0, 40.0, 80.0, 90.0] };
+        let d = Detection {
+            label: "Normal".into(),
+            class_id: 0,
+            confidence: 0.9,
+            bbox: [20.0, 40.0, 80.0, 90.0],
+        };
         let out = annotate(&img, &[d]);
         assert_eq!(*out.get_pixel(50, 90), colour(0)); // bottom edge
         assert_eq!(*out.get_pixel(20, 60), colour(0)); // left edge

@@ -44,6 +44,13 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// Read through a method so closures capture the whole (Send + Sync) wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 thread_local! {
     /// Per-thread im2col scratch, grown on demand and kept across layers and frames.
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -119,7 +126,6 @@ impl FusedConv {
         (0..n_tiles).into_par_iter().for_each(|t| {
             let c0 = t * tile;
             let cols = tile.min(n - c0);
-            let out_ptr = out_ptr;
             SCRATCH.with(|scratch| {
                 let mut scratch = scratch.borrow_mut();
                 let (rhs_ptr, rhs_rs) = if direct {
@@ -138,7 +144,7 @@ impl FusedConv {
                 // SAFETY: dst is the [c_out, cols] tile at column c0 of the [c_out, n] output,
                 // written by this task only; lhs and rhs cover [c_out, kd] and [kd, cols].
                 unsafe {
-                    let dst = out_ptr.0.add(c0);
+                    let dst = out_ptr.get().add(c0);
                     gemm::gemm(
                         self.c_out,
                         cols,
@@ -172,7 +178,16 @@ impl FusedConv {
     /// Fills one row of the im2col matrix (one `(ci, ky, kx)` tap) for output columns
     /// `c0 .. c0 + row.len()`.
     #[allow(clippy::too_many_arguments)]
-    fn im2col_row(&self, x: &[f32], h: usize, w: usize, ow: usize, r: usize, c0: usize, row: &mut [f32]) {
+    fn im2col_row(
+        &self,
+        x: &[f32],
+        h: usize,
+        w: usize,
+        ow: usize,
+        r: usize,
+        c0: usize,
+        row: &mut [f32],
+    ) {
         let kk = self.k * self.k;
         let ci = r / kk;
         let ky = (r % kk) / self.k;
@@ -181,7 +196,11 @@ impl FusedConv {
         let (s, pad) = (self.stride, self.pad);
         // Output columns ox whose input column ox*s + kx - pad lies inside the image.
         let ox_lo = pad.saturating_sub(kx).div_ceil(s).min(ow);
-        let ox_hi = if w + pad > kx { ((w - 1 + pad - kx) / s + 1).min(ow) } else { 0 };
+        let ox_hi = if w + pad > kx {
+            ((w - 1 + pad - kx) / s + 1).min(ow)
+        } else {
+            0
+        };
         let mut j = 0;
         let mut pos = c0;
         while j < row.len() {
@@ -255,13 +274,24 @@ mod x86 {
     #[target_feature(enable = "avx512f")]
     unsafe fn silu16(x: __m512) -> __m512 {
         let t = _mm512_mul_ps(
-            _mm512_max_ps(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), x), _mm512_set1_ps(88.0)), _mm512_set1_ps(-87.0)),
+            _mm512_max_ps(
+                _mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), x), _mm512_set1_ps(88.0)),
+                _mm512_set1_ps(-87.0),
+            ),
             _mm512_set1_ps(std::f32::consts::LOG2_E),
         );
         let fi = _mm512_roundscale_ps::<0x08>(t); // nearest, no exceptions
         let f = _mm512_sub_ps(t, fi);
         let mut p = _mm512_set1_ps(1.525_273_4e-5);
-        for c in [1.540_353e-4, 1.333_355_8e-3, 9.618_129e-3, 5.550_411e-2, 2.402_265_1e-1, std::f32::consts::LN_2, 1.0] {
+        for c in [
+            1.540_353e-4,
+            1.333_355_8e-3,
+            9.618_129e-3,
+            5.550_411e-2,
+            2.402_265e-1,
+            std::f32::consts::LN_2,
+            1.0,
+        ] {
             p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
         }
         let e = _mm512_scalef_ps(p, fi);
@@ -275,7 +305,11 @@ mod x86 {
         let p = row.as_mut_ptr();
         let mut i = 0;
         while i < n {
-            let m: __mmask16 = if n - i >= 16 { 0xffff } else { ((1u32 << (n - i)) - 1) as u16 };
+            let m: __mmask16 = if n - i >= 16 {
+                0xffff
+            } else {
+                ((1u32 << (n - i)) - 1) as u16
+            };
             // SAFETY: the mask keeps loads and stores inside row[i..n].
             let x = _mm512_add_ps(unsafe { _mm512_maskz_loadu_ps(m, p.add(i)) }, b);
             let y = if silu { silu16(x) } else { x };
@@ -314,7 +348,7 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     let p = p * f + 1.333_355_8e-3;
     let p = p * f + 9.618_129e-3;
     let p = p * f + 5.550_411e-2;
-    let p = p * f + 2.402_265_1e-1;
+    let p = p * f + 2.402_265e-1;
     let p = p * f + std::f32::consts::LN_2;
     let p = p * f + 1.0;
     let bits = ((fi as i32 + 127) as u32) << 23;
@@ -326,7 +360,11 @@ impl CustomOp1 for FusedConv {
         "fused-conv-bn-silu"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let CpuStorage::F32(data) = storage else {
             candle_core::bail!("fused conv expects f32 input")
         };
@@ -346,7 +384,12 @@ impl CustomOp1 for FusedConv {
         let per_out = self.c_out * oh * ow;
         let mut out = vec![0f32; b * per_out];
         for i in 0..b {
-            self.run(&x[i * per_in..(i + 1) * per_in], h, w, &mut out[i * per_out..(i + 1) * per_out]);
+            self.run(
+                &x[i * per_in..(i + 1) * per_in],
+                h,
+                w,
+                &mut out[i * per_out..(i + 1) * per_out],
+            );
         }
         Ok((CpuStorage::F32(out), Shape::from((b, self.c_out, oh, ow))))
     }
@@ -364,7 +407,11 @@ impl CustomOp1 for MaxPoolSame {
         "maxpool-same"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let CpuStorage::F32(data) = storage else {
             candle_core::bail!("maxpool expects f32 input")
         };
@@ -383,7 +430,10 @@ impl CustomOp1 for MaxPoolSame {
                     for xx in 0..w {
                         let lo = xx.saturating_sub(r);
                         let hi = (xx + r).min(w - 1);
-                        tmp[y * w + xx] = p[y * w + lo..=y * w + hi].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        tmp[y * w + xx] = p[y * w + lo..=y * w + hi]
+                            .iter()
+                            .copied()
+                            .fold(f32::NEG_INFINITY, f32::max);
                     }
                 }
                 for y in 0..h {
@@ -420,14 +470,17 @@ mod tests {
                                 let iy = (oy * cv.stride + ky) as isize - cv.pad as isize;
                                 let ix = (ox * cv.stride + kx) as isize - cv.pad as isize;
                                 if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
-                                    let wv = cv.weight[co * cv.c_in * cv.k * cv.k + (ci * cv.k + ky) * cv.k + kx];
-                                    acc += wv as f64 * x[(ci * h + iy as usize) * w + ix as usize] as f64;
+                                    let wv = cv.weight
+                                        [co * cv.c_in * cv.k * cv.k + (ci * cv.k + ky) * cv.k + kx];
+                                    acc += wv as f64
+                                        * x[(ci * h + iy as usize) * w + ix as usize] as f64;
                                 }
                             }
                         }
                     }
                     let v = acc as f32;
-                    out[(co * oh + oy) * ow + ox] = if cv.silu { v / (1.0 + (-v).exp()) } else { v };
+                    out[(co * oh + oy) * ow + ox] =
+                        if cv.silu { v / (1.0 + (-v).exp()) } else { v };
                 }
             }
         }
@@ -464,7 +517,10 @@ mod tests {
         cv.run(&x, h, w, &mut out);
         let want = reference(&cv, &x, h, w);
         for (i, (a, b)) in out.iter().zip(&want).enumerate() {
-            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "k={k} s={stride} {h}x{w} at {i}: {a} vs {b}");
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "k={k} s={stride} {h}x{w} at {i}: {a} vs {b}"
+            );
         }
     }
 
@@ -482,13 +538,19 @@ mod tests {
     #[test]
     fn every_epilogue_matches_exact_silu() {
         let xs: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) * 0.05).collect();
-        let want: Vec<f32> = xs.iter().map(|&x| (x + 0.5) / (1.0 + (-(x + 0.5)).exp())).collect();
+        let want: Vec<f32> = xs
+            .iter()
+            .map(|&x| (x + 0.5) / (1.0 + (-(x + 0.5)).exp()))
+            .collect();
         let mut a = xs.clone();
         epilogue(&mut a, 0.5, true); // best available on this CPU
         let mut b = xs.clone();
         epilogue_generic(&mut b, 0.5, true);
         for ((x, y), w) in a.iter().zip(&b).zip(&want) {
-            assert!((x - w).abs() <= 1e-5 * (1.0 + w.abs()) && (y - w).abs() <= 1e-5 * (1.0 + w.abs()), "{x} {y} {w}");
+            assert!(
+                (x - w).abs() <= 1e-5 * (1.0 + w.abs()) && (y - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                "{x} {y} {w}"
+            );
         }
         // Odd lengths exercise the masked tail.
         let mut c = vec![1.0f32; 21];
@@ -510,8 +572,15 @@ mod tests {
     fn maxpool_pads_with_negative_infinity() {
         let op = MaxPoolSame { k: 5 };
         let data: Vec<f32> = (0..16).map(|i| -(i as f32) - 1.0).collect();
-        let t = candle_core::Tensor::from_vec(data, (1, 1, 4, 4), &candle_core::Device::Cpu).unwrap();
-        let out = t.apply_op1_no_bwd(&op).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let t =
+            candle_core::Tensor::from_vec(data, (1, 1, 4, 4), &candle_core::Device::Cpu).unwrap();
+        let out = t
+            .apply_op1_no_bwd(&op)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         // Top-left: window covers rows 0..=2, cols 0..=2 -> max is -1; zero padding would give 0.
         assert_eq!(out[0], -1.0);
         assert_eq!(out[15], -6.0);

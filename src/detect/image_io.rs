@@ -16,29 +16,53 @@ pub const PAD_VALUE: u8 = 114;
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("image {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("image {path} is empty (0 bytes)")]
     Empty { path: PathBuf },
     #[error("image {path} cannot be decoded (not a JPEG or PNG, or corrupt): {reason}")]
     Decode { path: PathBuf, reason: String },
     #[error("image {path} is {width}x{height}, over the limit of {max_pixels} pixels")]
-    TooLarge { path: PathBuf, width: u32, height: u32, max_pixels: u64 },
+    TooLarge {
+        path: PathBuf,
+        width: u32,
+        height: u32,
+        max_pixels: u64,
+    },
     #[error("image {path} has a zero dimension ({width}x{height})")]
-    ZeroSized { path: PathBuf, width: u32, height: u32 },
+    ZeroSized {
+        path: PathBuf,
+        width: u32,
+        height: u32,
+    },
 }
 
 /// Reads a JPEG or PNG (RGB, RGBA or greyscale), refusing oversized images from the header.
 pub fn load_image(path: &Path, max_pixels: u64) -> Result<DynamicImage, ImageError> {
-    let bytes = std::fs::read(path).map_err(|source| ImageError::Io { path: path.to_owned(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| ImageError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
     decode_image(&bytes, path, max_pixels)
 }
 
 /// Decodes image bytes (see [`load_image`]); `path` is only used in errors.
-pub fn decode_image(bytes: &[u8], path: &Path, max_pixels: u64) -> Result<DynamicImage, ImageError> {
+pub fn decode_image(
+    bytes: &[u8],
+    path: &Path,
+    max_pixels: u64,
+) -> Result<DynamicImage, ImageError> {
     if bytes.is_empty() {
-        return Err(ImageError::Empty { path: path.to_owned() });
+        return Err(ImageError::Empty {
+            path: path.to_owned(),
+        });
     }
-    let decode_err = |e: &dyn std::fmt::Display| ImageError::Decode { path: path.to_owned(), reason: e.to_string() };
+    let decode_err = |e: &dyn std::fmt::Display| ImageError::Decode {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    };
     let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| decode_err(&e))?;
@@ -49,10 +73,19 @@ pub fn decode_image(bytes: &[u8], path: &Path, max_pixels: u64) -> Result<Dynami
     }
     let (width, height) = reader.into_dimensions().map_err(|e| decode_err(&e))?;
     if width == 0 || height == 0 {
-        return Err(ImageError::ZeroSized { path: path.to_owned(), width, height });
+        return Err(ImageError::ZeroSized {
+            path: path.to_owned(),
+            width,
+            height,
+        });
     }
     if width as u64 * height as u64 > max_pixels {
-        return Err(ImageError::TooLarge { path: path.to_owned(), width, height, max_pixels });
+        return Err(ImageError::TooLarge {
+            path: path.to_owned(),
+            width,
+            height,
+            max_pixels,
+        });
     }
     let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
@@ -118,7 +151,12 @@ pub fn letterbox_chw(img: &DynamicImage, size: usize) -> (Vec<f32>, Letterbox) {
     let resized = if (nw as u32, nh as u32) == (w, h) {
         rgb
     } else {
-        image::imageops::resize(&rgb, nw as u32, nh as u32, image::imageops::FilterType::Triangle)
+        image::imageops::resize(
+            &rgb,
+            nw as u32,
+            nh as u32,
+            image::imageops::FilterType::Triangle,
+        )
     };
     let plane = size * size;
     let mut out = vec![PAD_VALUE as f32 / 255.0; 3 * plane];
@@ -137,7 +175,11 @@ pub fn letterbox_chw(img: &DynamicImage, size: usize) -> (Vec<f32>, Letterbox) {
 }
 
 /// Letterboxes into a `[1, 3, size, size]` tensor on `device`.
-pub fn letterbox_tensor(img: &DynamicImage, size: usize, device: &Device) -> candle_core::Result<(Tensor, Letterbox)> {
+pub fn letterbox_tensor(
+    img: &DynamicImage,
+    size: usize,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Letterbox)> {
     let (data, lb) = letterbox_chw(img, size);
     Ok((Tensor::from_vec(data, (1, 3, size, size), device)?, lb))
 }
@@ -158,7 +200,10 @@ mod tests {
         let back = lb.to_original([0.0, 140.0, 640.0, 500.0]);
         assert_eq!(back, [0.0, 0.0, 1280.0, 720.0]);
         // Boxes in the padding are clipped to the image.
-        assert_eq!(lb.to_original([-5.0, 0.0, 700.0, 640.0]), [0.0, 0.0, 1280.0, 720.0]);
+        assert_eq!(
+            lb.to_original([-5.0, 0.0, 700.0, 640.0]),
+            [0.0, 0.0, 1280.0, 720.0]
+        );
     }
 
     #[test]

@@ -47,7 +47,13 @@ pub struct DetectorConfig {
 
 impl Default for DetectorConfig {
     fn default() -> Self {
-        Self { input_size: 640, conf: 0.25, iou: 0.45, max_detections: 300, max_pixels: image_io::DEFAULT_MAX_PIXELS }
+        Self {
+            input_size: 640,
+            conf: 0.25,
+            iou: 0.45,
+            max_detections: 300,
+            max_pixels: image_io::DEFAULT_MAX_PIXELS,
+        }
     }
 }
 
@@ -62,7 +68,9 @@ pub enum ConfigError {
 
 impl DetectorConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.input_size % 32 != 0 || !(MIN_INPUT..=MAX_INPUT).contains(&self.input_size) {
+        if !self.input_size.is_multiple_of(32)
+            || !(MIN_INPUT..=MAX_INPUT).contains(&self.input_size)
+        {
             return Err(ConfigError::InputSize(self.input_size));
         }
         for (name, value) in [("conf", self.conf), ("iou", self.iou)] {
@@ -132,7 +140,12 @@ pub struct Detector {
 impl Detector {
     /// Loads a safetensors model. Class names come from the file's metadata, else from
     /// `names_file`, else COCO's for an 80-class model, else `class0..`.
-    pub fn load(path: &Path, names_file: Option<&Path>, device: &Device, config: DetectorConfig) -> Result<Self, LoadError> {
+    pub fn load(
+        path: &Path,
+        names_file: Option<&Path>,
+        device: &Device,
+        config: DetectorConfig,
+    ) -> Result<Self, LoadError> {
         config.validate()?;
         let file = weights::ModelFile::read(path)?;
         Self::from_file(file, path, names_file, device, config)
@@ -150,20 +163,38 @@ impl Detector {
         let bn_eps = file.bn_eps(path)?;
         let meta_names = file.names(path)?;
         let tensors = file.tensors.len();
-        let parameters = file.tensors.iter().filter(|(k, _)| !k.contains("running_")).map(|(_, t)| t.elem_count()).sum();
+        let parameters = file
+            .tensors
+            .iter()
+            .filter(|(k, _)| !k.contains("running_"))
+            .map(|(_, t)| t.elem_count())
+            .sum();
         let vb = VarBuilder::from_tensors(file.tensors, DType::F32, device);
-        let model = model::YoloV8::load(vb, bn_eps)
-            .map_err(|e| ModelLoadError::Architecture { path: path.to_owned(), reason: e.to_string() })?;
+        let model = model::YoloV8::load(vb, bn_eps).map_err(|e| ModelLoadError::Architecture {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
         let names = match (names_file, meta_names) {
             (Some(f), _) => weights::read_names_file(f)?,
             (None, Some(n)) => n,
-            (None, None) if model.num_classes == 80 => COCO_NAMES.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect(),
-            (None, None) => (0..model.num_classes).map(|i| format!("class{i}")).collect(),
+            (None, None) if model.num_classes == 80 => COCO_NAMES
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect(),
+            (None, None) => (0..model.num_classes)
+                .map(|i| format!("class{i}"))
+                .collect(),
         };
         if names.len() != model.num_classes {
             return Err(ModelLoadError::Architecture {
                 path: path.to_owned(),
-                reason: format!("{} class names for a {}-class head", names.len(), model.num_classes),
+                reason: format!(
+                    "{} class names for a {}-class head",
+                    names.len(),
+                    model.num_classes
+                ),
             }
             .into());
         }
@@ -174,9 +205,19 @@ impl Detector {
             bn_eps,
             tensors,
             parameters,
-            metadata: file.metadata.into_iter().filter(|(k, _)| k != "names").collect(),
+            metadata: file
+                .metadata
+                .into_iter()
+                .filter(|(k, _)| k != "names")
+                .collect(),
         };
-        Ok(Self { model, names, device: device.clone(), config, info })
+        Ok(Self {
+            model,
+            names,
+            device: device.clone(),
+            config,
+            info,
+        })
     }
 
     pub fn names(&self) -> &[String] {
@@ -207,7 +248,13 @@ impl Detector {
 
     /// Decodes raw outputs into labelled boxes in original pixels.
     pub fn postprocess(&self, levels: &[LevelOutput], lb: &Letterbox) -> Vec<Detection> {
-        let cands = postprocess::decode(levels, self.model.num_classes, self.model.reg_max, &self.model.dfl, self.config.conf);
+        let cands = postprocess::decode(
+            levels,
+            self.model.num_classes,
+            self.model.reg_max,
+            &self.model.dfl,
+            self.config.conf,
+        );
         let kept = postprocess::nms(cands, self.config.iou, self.config.max_detections);
         postprocess::finish(kept, lb, &self.names)
     }
@@ -245,7 +292,7 @@ pub fn yolo_v8_layout(size: ModelSize, num_classes: usize) -> Vec<(String, Vec<u
         ModelSize::X | ModelSize::Custom(_) => (1.25, 1.00, 1.0),
     };
     let ch = |c: f64| (c * w) as usize;
-    let n = |k: f64| ((k * d) as f64).round().max(1.0) as usize;
+    let n = |k: f64| (k * d).round().max(1.0) as usize;
     let mut out = Vec::new();
     let mut conv = |p: &str, cin: usize, cout: usize, k: usize| {
         out.push((format!("{p}.conv.weight"), vec![cout, cin, k, k]));
@@ -253,7 +300,11 @@ pub fn yolo_v8_layout(size: ModelSize, num_classes: usize) -> Vec<(String, Vec<u
             out.push((format!("{p}.bn.{s}"), vec![cout]));
         }
     };
-    let c2f = |p: &str, cin: usize, cout: usize, nb: usize, conv: &mut dyn FnMut(&str, usize, usize, usize)| {
+    let c2f = |p: &str,
+               cin: usize,
+               cout: usize,
+               nb: usize,
+               conv: &mut dyn FnMut(&str, usize, usize, usize)| {
         let c = cout / 2;
         conv(&format!("{p}.cv1"), cin, 2 * c, 1);
         conv(&format!("{p}.cv2"), (2 + nb) * c, cout, 1);
@@ -292,7 +343,10 @@ pub fn yolo_v8_layout(size: ModelSize, num_classes: usize) -> Vec<(String, Vec<u
     for i in 0..3 {
         out.push((format!("head.cv2.{i}.2.weight"), vec![64, c2, 1, 1]));
         out.push((format!("head.cv2.{i}.2.bias"), vec![64]));
-        out.push((format!("head.cv3.{i}.2.weight"), vec![num_classes, c3, 1, 1]));
+        out.push((
+            format!("head.cv3.{i}.2.weight"),
+            vec![num_classes, c3, 1, 1],
+        ));
         out.push((format!("head.cv3.{i}.2.bias"), vec![num_classes]));
     }
     out.push(("head.dfl.conv.weight".into(), vec![1, 16, 1, 1]));
@@ -301,8 +355,14 @@ pub fn yolo_v8_layout(size: ModelSize, num_classes: usize) -> Vec<(String, Vec<u
 
 /// A randomly initialised YOLOv8 (uniform weights scaled by fan-in, positive variances,
 /// DFL projection `0..16`), deterministic for a given seed.
-pub fn random_yolo_v8(size: ModelSize, num_classes: usize, seed: u64) -> candle_core::Result<std::collections::HashMap<String, Tensor>> {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+pub fn random_yolo_v8(
+    size: ModelSize,
+    num_classes: usize,
+    seed: u64,
+) -> candle_core::Result<std::collections::HashMap<String, Tensor>> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let mut next = move || {
         state ^= state << 13;
         state ^= state >> 7;
@@ -320,7 +380,10 @@ pub fn random_yolo_v8(size: ModelSize, num_classes: usize, seed: u64) -> candle_
             (0..n).map(|_| 0.5 + next()).collect()
         } else if name.ends_with("bn.weight") {
             (0..n).map(|_| 0.8 + 0.4 * next()).collect()
-        } else if name.ends_with("running_mean") || name.ends_with("bn.bias") || name.ends_with(".bias") {
+        } else if name.ends_with("running_mean")
+            || name.ends_with("bn.bias")
+            || name.ends_with(".bias")
+        {
             (0..n).map(|_| 0.2 * (next() - 0.5)).collect()
         } else {
             (0..n).map(|_| bound * (2.0 * next() - 1.0)).collect()

@@ -79,14 +79,31 @@ enum ConvImpl {
 }
 
 impl ConvImpl {
-    fn new(weight: Vec<f32>, bias: Vec<f32>, dims: [usize; 4], stride: usize, silu: bool, device: &Device, fused: bool) -> Result<Self> {
+    fn new(
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+        dims: [usize; 4],
+        stride: usize,
+        silu: bool,
+        device: &Device,
+        fused: bool,
+    ) -> Result<Self> {
         let [c_out, c_in, k, k2] = dims;
         if k != k2 {
             candle_core::bail!("non-square kernel {k}x{k2}")
         }
         let pad = k / 2;
         if device.is_cpu() && fused {
-            return Ok(Self::Cpu(FusedConv { weight, bias, c_in, c_out, k, stride, pad, silu }));
+            return Ok(Self::Cpu(FusedConv {
+                weight,
+                bias,
+                c_in,
+                c_out,
+                k,
+                stride,
+                pad,
+                silu,
+            }));
         }
         Ok(Self::Device {
             weight: Tensor::from_vec(weight, (c_out, c_in, k, k), device)?,
@@ -100,8 +117,16 @@ impl ConvImpl {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Self::Cpu(op) => xs.contiguous()?.apply_op1_no_bwd(op),
-            Self::Device { weight, bias, stride, pad, silu } => {
-                let ys = xs.conv2d(weight, *pad, *stride, 1, 1)?.broadcast_add(bias)?;
+            Self::Device {
+                weight,
+                bias,
+                stride,
+                pad,
+                silu,
+            } => {
+                let ys = xs
+                    .conv2d(weight, *pad, *stride, 1, 1)?
+                    .broadcast_add(bias)?;
                 if *silu {
                     candle_nn::ops::silu(&ys)
                 } else {
@@ -142,7 +167,9 @@ impl ConvBlock {
             }
             bias[co] = (beta[co] as f64 - mean[co] as f64 * scale) as f32;
         }
-        Ok(Self { conv: ConvImpl::new(weight, bias, dims, stride, true, vb.device(), cx.fused)? })
+        Ok(Self {
+            conv: ConvImpl::new(weight, bias, dims, stride, true, vb.device(), cx.fused)?,
+        })
     }
 
     fn c_out(&self) -> usize {
@@ -170,7 +197,9 @@ impl PlainConv {
         let w = vb.get_unchecked("weight")?;
         let dims: [usize; 4] = w.dims4()?.into();
         let bias = to_f32_vec(&vb.get(dims[0], "bias")?)?;
-        Ok(Self { conv: ConvImpl::new(to_f32_vec(&w)?, bias, dims, 1, false, vb.device(), cx.fused)? })
+        Ok(Self {
+            conv: ConvImpl::new(to_f32_vec(&w)?, bias, dims, 1, false, vb.device(), cx.fused)?,
+        })
     }
 }
 
@@ -223,13 +252,22 @@ impl C2f {
         let hidden = cv1.c_out() / 2;
         let mut bottleneck = Vec::new();
         while vb.contains_tensor(&format!("bottleneck.{}.cv1.conv.weight", bottleneck.len())) {
-            let b = Bottleneck::load(vb.pp(format!("bottleneck.{}", bottleneck.len())), hidden, shortcut, cx)?;
+            let b = Bottleneck::load(
+                vb.pp(format!("bottleneck.{}", bottleneck.len())),
+                hidden,
+                shortcut,
+                cx,
+            )?;
             bottleneck.push(b);
         }
         if bottleneck.is_empty() {
             candle_core::bail!("{}: C2f block has no bottleneck weights", vb.prefix())
         }
-        Ok(Self { cv1, cv2, bottleneck })
+        Ok(Self {
+            cv1,
+            cv2,
+            bottleneck,
+        })
     }
 }
 
@@ -239,7 +277,9 @@ impl Module for C2f {
         let c = ys.dim(1)? / 2;
         let mut parts = vec![ys.narrow(1, 0, c)?, ys.narrow(1, c, c)?];
         for m in &self.bottleneck {
-            let last = parts.last().ok_or_else(|| candle_core::Error::Msg("empty C2f".into()))?;
+            let last = parts
+                .last()
+                .ok_or_else(|| candle_core::Error::Msg("empty C2f".into()))?;
             let next = m.forward(last)?;
             parts.push(next);
         }
@@ -272,7 +312,10 @@ impl Sppf {
         let r = self.pool.k / 2;
         let (_, _, h, w) = xs.dims4()?;
         let padded = (xs.pad_with_zeros(2, r, r)?.pad_with_zeros(3, r, r)? - 1e4)?;
-        let mask = (Tensor::ones_like(xs)?.pad_with_zeros(2, r, r)?.pad_with_zeros(3, r, r)? * 1e4)?;
+        let mask = (Tensor::ones_like(xs)?
+            .pad_with_zeros(2, r, r)?
+            .pad_with_zeros(3, r, r)?
+            * 1e4)?;
         let padded = (padded + mask)?;
         let out = padded.max_pool2d_with_stride((self.pool.k, self.pool.k), (1, 1))?;
         out.narrow(2, 0, h)?.narrow(3, 0, w)
@@ -322,7 +365,9 @@ impl DarkNet {
 
     fn forward(&self, xs: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let x1 = self.b1_1.forward(&self.b1_0.forward(xs)?)?;
-        let x2 = self.b2_2.forward(&self.b2_1.forward(&self.b2_0.forward(&x1)?)?)?;
+        let x2 = self
+            .b2_2
+            .forward(&self.b2_1.forward(&self.b2_0.forward(&x1)?)?)?;
         let x3 = self.b3_1.forward(&self.b3_0.forward(&x2)?)?;
         let x4 = self.b4_1.forward(&self.b4_0.forward(&x3)?)?;
         let x5 = self.b5.forward(&x4)?;
@@ -361,8 +406,12 @@ impl Neck {
     fn forward(&self, p3: &Tensor, p4: &Tensor, p5: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let x = self.n1.forward(&Tensor::cat(&[&upsample2(p5)?, p4], 1)?)?;
         let h1 = self.n2.forward(&Tensor::cat(&[&upsample2(&x)?, p3], 1)?)?;
-        let h2 = self.n4.forward(&Tensor::cat(&[&self.n3.forward(&h1)?, &x], 1)?)?;
-        let h3 = self.n6.forward(&Tensor::cat(&[&self.n5.forward(&h2)?, p5], 1)?)?;
+        let h2 = self
+            .n4
+            .forward(&Tensor::cat(&[&self.n3.forward(&h1)?, &x], 1)?)?;
+        let h3 = self
+            .n6
+            .forward(&Tensor::cat(&[&self.n5.forward(&h2)?, p5], 1)?)?;
         Ok((h1, h2, h3))
     }
 }
@@ -443,7 +492,13 @@ pub struct YoloV8 {
 impl YoloV8 {
     /// Loads the network; shapes come from the weights, `bn_eps` from the model's metadata.
     pub fn load(vb: VarBuilder, bn_eps: f64) -> Result<Self> {
-        Self::load_with(vb, Cx { eps: bn_eps, fused: true })
+        Self::load_with(
+            vb,
+            Cx {
+                eps: bn_eps,
+                fused: true,
+            },
+        )
     }
 
     fn load_with(vb: VarBuilder, cx: Cx) -> Result<Self> {
@@ -458,9 +513,19 @@ impl YoloV8 {
         let num_classes = vb.get_unchecked("head.cv3.0.2.weight")?.dims4()?.0;
         let box_ch = vb.get_unchecked("head.cv2.0.2.weight")?.dims4()?.0;
         if box_ch != 4 * reg_max {
-            candle_core::bail!("head box branch has {box_ch} channels, expected 4 x {reg_max} DFL bins")
+            candle_core::bail!(
+                "head box branch has {box_ch} channels, expected 4 x {reg_max} DFL bins"
+            )
         }
-        Ok(Self { net, fpn, head, size, num_classes, reg_max, dfl })
+        Ok(Self {
+            net,
+            fpn,
+            head,
+            size,
+            num_classes,
+            reg_max,
+            dfl,
+        })
     }
 
     /// Runs the network on a `[1, 3, S, S]` input in `0..1`, returning the three levels' raw
@@ -489,8 +554,22 @@ impl YoloV8 {
 /// The same network run through Candle's stock `conv2d` on CPU instead of our fused GEMM path:
 /// the reference the fast path is tested against. Returns the head outputs flattened like
 /// [`YoloV8::forward`]'s (per level: boxes then classes).
-pub fn reference_forward(tensors: &std::collections::HashMap<String, Tensor>, bn_eps: f64, xs: &Tensor) -> Result<Vec<f32>> {
+pub fn reference_forward(
+    tensors: &std::collections::HashMap<String, Tensor>,
+    bn_eps: f64,
+    xs: &Tensor,
+) -> Result<Vec<f32>> {
     let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
-    let model = YoloV8::load_with(vb, Cx { eps: bn_eps, fused: false })?;
-    Ok(model.forward(xs)?.into_iter().flat_map(|l| l.boxes.into_iter().chain(l.classes)).collect())
+    let model = YoloV8::load_with(
+        vb,
+        Cx {
+            eps: bn_eps,
+            fused: false,
+        },
+    )?;
+    Ok(model
+        .forward(xs)?
+        .into_iter()
+        .flat_map(|l| l.boxes.into_iter().chain(l.classes))
+        .collect())
 }

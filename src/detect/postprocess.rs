@@ -45,7 +45,13 @@ fn dfl_side(logits: impl Iterator<Item = f32> + Clone, proj: &[f32]) -> f32 {
 }
 
 /// Decodes every cell whose best class score reaches `conf`.
-pub fn decode(levels: &[LevelOutput], num_classes: usize, reg_max: usize, dfl: &[f32], conf: f32) -> Vec<Candidate> {
+pub fn decode(
+    levels: &[LevelOutput],
+    num_classes: usize,
+    reg_max: usize,
+    dfl: &[f32],
+    conf: f32,
+) -> Vec<Candidate> {
     let conf = conf.clamp(1e-6, 1.0 - 1e-6);
     let logit_threshold = (conf / (1.0 - conf)).ln();
     let mut out = Vec::new();
@@ -65,7 +71,10 @@ pub fn decode(levels: &[LevelOutput], num_classes: usize, reg_max: usize, dfl: &
             let (ax, ay) = ((cell % lv.w) as f32 + 0.5, (cell / lv.w) as f32 + 0.5);
             let side = |s: usize| {
                 let base = s * reg_max;
-                dfl_side((0..reg_max).map(move |b| lv.boxes[(base + b) * cells + cell]), dfl)
+                dfl_side(
+                    (0..reg_max).map(move |b| lv.boxes[(base + b) * cells + cell]),
+                    dfl,
+                )
             };
             let (l, t, r, b) = (side(0), side(1), side(2), side(3));
             let s = lv.stride as f32;
@@ -102,7 +111,10 @@ pub fn nms(mut cands: Vec<Candidate>, iou_threshold: f32, max_det: usize) -> Vec
         if kept.len() >= max_det {
             break;
         }
-        if kept.iter().all(|k| k.class_id != c.class_id || iou(&k.bbox, &c.bbox) <= iou_threshold) {
+        if kept
+            .iter()
+            .all(|k| k.class_id != c.class_id || iou(&k.bbox, &c.bbox) <= iou_threshold)
+        {
             kept.push(c);
         }
     }
@@ -113,7 +125,10 @@ pub fn nms(mut cands: Vec<Candidate>, iou_threshold: f32, max_det: usize) -> Vec
 pub fn finish(kept: Vec<Candidate>, lb: &Letterbox, names: &[String]) -> Vec<Detection> {
     kept.into_iter()
         .map(|c| Detection {
-            label: names.get(c.class_id).cloned().unwrap_or_else(|| format!("class{}", c.class_id)),
+            label: names
+                .get(c.class_id)
+                .cloned()
+                .unwrap_or_else(|| format!("class{}", c.class_id)),
             class_id: c.class_id,
             confidence: c.score,
             bbox: lb.to_original(c.bbox),
@@ -127,16 +142,32 @@ mod tests {
     use super::*;
 
     fn cand(class_id: usize, score: f32, x: f32) -> Candidate {
-        Candidate { class_id, score, bbox: [x, 0.0, x + 10.0, 10.0] }
+        Candidate {
+            class_id,
+            score,
+            bbox: [x, 0.0, x + 10.0, 10.0],
+        }
     }
 
     #[test]
     fn nms_is_per_class_and_sorted() {
-        let kept = nms(vec![cand(0, 0.5, 0.0), cand(0, 0.9, 1.0), cand(1, 0.7, 1.0), cand(0, 0.6, 50.0)], 0.45, 300);
+        let kept = nms(
+            vec![
+                cand(0, 0.5, 0.0),
+                cand(0, 0.9, 1.0),
+                cand(1, 0.7, 1.0),
+                cand(0, 0.6, 50.0),
+            ],
+            0.45,
+            300,
+        );
         let scores: Vec<f32> = kept.iter().map(|c| c.score).collect();
         // 0.5 overlaps 0.9 of the same class and goes; class 1 at the same place stays.
         assert_eq!(scores, vec![0.9, 0.7, 0.6]);
-        assert_eq!(nms(vec![cand(0, 0.5, 0.0), cand(0, 0.4, 100.0)], 0.45, 1).len(), 1);
+        assert_eq!(
+            nms(vec![cand(0, 0.5, 0.0), cand(0, 0.4, 100.0)], 0.45, 1).len(),
+            1
+        );
     }
 
     #[test]
@@ -157,7 +188,13 @@ mod tests {
         // One 1x1 level, stride 32, 2 classes, reg_max 2 with projection [0, 1].
         // Class 1 logit 2.0 (p = 0.88); every side's bins are [0, big] -> distance ~1 cell.
         let boxes = vec![0.0, 20.0, 0.0, 20.0, 0.0, 20.0, 0.0, 20.0];
-        let lv = LevelOutput { boxes, classes: vec![-5.0, 2.0], h: 1, w: 1, stride: 32 };
+        let lv = LevelOutput {
+            boxes,
+            classes: vec![-5.0, 2.0],
+            h: 1,
+            w: 1,
+            stride: 32,
+        };
         let c = decode(&[lv], 2, 2, &[0.0, 1.0], 0.25);
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].class_id, 1);
@@ -165,7 +202,13 @@ mod tests {
         for (got, want) in c[0].bbox.iter().zip([-16.0, -16.0, 48.0, 48.0]) {
             assert!((got - want).abs() < 1e-3, "{got} vs {want}");
         }
-        let lv = LevelOutput { boxes: vec![0.0; 8], classes: vec![-5.0, -2.0], h: 1, w: 1, stride: 32 };
+        let lv = LevelOutput {
+            boxes: vec![0.0; 8],
+            classes: vec![-5.0, -2.0],
+            h: 1,
+            w: 1,
+            stride: 32,
+        };
         assert!(decode(&[lv], 2, 2, &[0.0, 1.0], 0.25).is_empty());
     }
 }

@@ -26,7 +26,10 @@ pub const DEFAULT_BN_EPS: f64 = 1e-3;
 #[derive(Debug, thiserror::Error)]
 pub enum ModelLoadError {
     #[error("model file {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("model file {path} is empty")]
     Empty { path: PathBuf },
     #[error("model file {path} is not a valid safetensors file (truncated or corrupt?): {reason}")]
@@ -36,7 +39,11 @@ pub enum ModelLoadError {
     #[error("model file {path} is not a YOLOv8 detection model in the expected naming: {reason}")]
     Architecture { path: PathBuf, reason: String },
     #[error("model file {path}: metadata key `{key}` is invalid: {reason}")]
-    Metadata { path: PathBuf, key: &'static str, reason: String },
+    Metadata {
+        path: PathBuf,
+        key: &'static str,
+        reason: String,
+    },
     #[error("class names file {path}: {reason}")]
     Names { path: PathBuf, reason: String },
 }
@@ -51,20 +58,32 @@ pub struct ModelFile {
 impl ModelFile {
     /// Reads a safetensors file fully into memory and checks it.
     pub fn read(path: &Path) -> Result<Self, ModelLoadError> {
-        let bytes = std::fs::read(path).map_err(|source| ModelLoadError::Io { path: path.to_owned(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| ModelLoadError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::from_bytes(&bytes, path)
     }
 
     pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self, ModelLoadError> {
         if bytes.is_empty() {
-            return Err(ModelLoadError::Empty { path: path.to_owned() });
+            return Err(ModelLoadError::Empty {
+                path: path.to_owned(),
+            });
         }
-        let bad = |reason: String| ModelLoadError::NotSafetensors { path: path.to_owned(), reason };
-        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
+        let bad = |reason: String| ModelLoadError::NotSafetensors {
+            path: path.to_owned(),
+            reason,
+        };
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
         let metadata = meta.metadata().clone().unwrap_or_default();
-        let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| bad(e.to_string()))?;
+        let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
+            .map_err(|e| bad(e.to_string()))?;
         if tensors.is_empty() {
-            return Err(ModelLoadError::NoTensors { path: path.to_owned() });
+            return Err(ModelLoadError::NoTensors {
+                path: path.to_owned(),
+            });
         }
         Ok(Self { tensors, metadata })
     }
@@ -88,21 +107,34 @@ impl ModelFile {
     pub fn names(&self, path: &Path) -> Result<Option<Vec<String>>, ModelLoadError> {
         match self.metadata.get("names") {
             None => Ok(None),
-            Some(v) => serde_json::from_str::<Vec<String>>(v).map(Some).map_err(|e| ModelLoadError::Metadata {
-                path: path.to_owned(),
-                key: "names",
-                reason: e.to_string(),
-            }),
+            Some(v) => serde_json::from_str::<Vec<String>>(v)
+                .map(Some)
+                .map_err(|e| ModelLoadError::Metadata {
+                    path: path.to_owned(),
+                    key: "names",
+                    reason: e.to_string(),
+                }),
         }
     }
 }
 
 /// Reads a class-names file: one name per line (like `models/coco.names`), blank lines ignored.
 pub fn read_names_file(path: &Path) -> Result<Vec<String>, ModelLoadError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ModelLoadError::Names { path: path.to_owned(), reason: e.to_string() })?;
-    let names: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    let text = std::fs::read_to_string(path).map_err(|e| ModelLoadError::Names {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let names: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
     if names.is_empty() {
-        return Err(ModelLoadError::Names { path: path.to_owned(), reason: "no class names in file".into() });
+        return Err(ModelLoadError::Names {
+            path: path.to_owned(),
+            reason: "no class names in file".into(),
+        });
     }
     Ok(names)
 }
@@ -140,22 +172,54 @@ impl OwnedView {
         let (dtype, bytes): (safetensors::Dtype, Vec<u8>) = match t.dtype() {
             DType::F16 => (
                 safetensors::Dtype::F16,
-                flat.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                flat.to_vec1::<half::f16>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
             ),
             DType::BF16 => (
                 safetensors::Dtype::BF16,
-                flat.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                flat.to_vec1::<half::bf16>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
             ),
-            DType::F64 => (safetensors::Dtype::F64, flat.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            DType::F64 => (
+                safetensors::Dtype::F64,
+                flat.to_vec1::<f64>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
             DType::U8 => (safetensors::Dtype::U8, flat.to_vec1::<u8>()?),
-            DType::I64 => (safetensors::Dtype::I64, flat.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            DType::U32 => (safetensors::Dtype::U32, flat.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            DType::I64 => (
+                safetensors::Dtype::I64,
+                flat.to_vec1::<i64>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
+            DType::U32 => (
+                safetensors::Dtype::U32,
+                flat.to_vec1::<u32>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
             _ => (
                 safetensors::Dtype::F32,
-                flat.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                flat.to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
             ),
         };
-        Ok(Self { dtype, shape: t.dims().to_vec(), bytes })
+        Ok(Self {
+            dtype,
+            shape: t.dims().to_vec(),
+            bytes,
+        })
     }
 }
 

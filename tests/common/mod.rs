@@ -9,12 +9,17 @@ use std::sync::OnceLock;
 /// The fixture directory filled by `scripts/fetch-fixtures.sh`. Tests need the real weights and
 /// photos; a missing fixture is a failure with instructions, never a silent skip.
 pub fn fixtures() -> PathBuf {
-    let dir = std::env::var_os("EDGE_VISION_FIXTURES").map(PathBuf::from).unwrap_or_else(|| {
-        let cache = std::env::var_os("EDGE_VISION_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/edge-vision"));
-        cache.join("fixtures")
-    });
+    let dir = std::env::var_os("EDGE_VISION_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("EDGE_VISION_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                        .join(".cache/edge-vision")
+                });
+            cache.join("fixtures")
+        });
     for f in ["fall-best.pt", "bus.jpg", "zidane.jpg"] {
         assert!(
             dir.join(f).exists(),
@@ -36,7 +41,8 @@ pub fn imported_model() -> &'static Path {
         let dir = std::env::temp_dir().join(format!("edge-vision-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let out = dir.join("fall.safetensors");
-        edge_vision::detect::import::import_checkpoint(&fixture("fall-best.pt"), &out).expect("import best.pt");
+        edge_vision::detect::import::import_checkpoint(&fixture("fall-best.pt"), &out)
+            .expect("import best.pt");
         out
     })
 }
@@ -51,7 +57,11 @@ pub struct Reference {
 }
 
 pub fn ort_reference() -> Vec<Reference> {
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ort_reference.jsonl"))
-        .expect("reference fixture");
-    text.lines().map(|l| serde_json::from_str(l).expect("reference line")).collect()
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ort_reference.jsonl"),
+    )
+    .expect("reference fixture");
+    text.lines()
+        .map(|l| serde_json::from_str(l).expect("reference line"))
+        .collect()
 }

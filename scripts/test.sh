@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: fetches the real model and photos (pinned, into a
+# cache outside the clone), checks formatting and lints, checks that the agent and the sink
+# build without each other's dependencies, runs every test, and builds the benches.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/edge-vision/target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+step() { echo; echo "==> $*"; }
+
+step "toolchain: $(cargo --version), $(rustc --version)"
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+command -v python3 >/dev/null || { apt-get update -qq && apt-get install -y -qq python3 python3-pip; }
+
+step "fixtures (real weights and photos)"
+EDGE_VISION_FIXTURES="$(bash scripts/fetch-fixtures.sh)"
+export EDGE_VISION_FIXTURES
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --release --all-targets -- -D warnings
+
+step "feature split: agent without sink deps, sink without agent deps"
+cargo check --release --no-default-features --features agent --bin edge-agent
+cargo check --release --no-default-features --features sink --bin edge-sink
+
+step "benches build"
+cargo bench --no-run --quiet
+
+step "cargo test --release"
+cargo test --release
