@@ -31,4 +31,13 @@ step "benches build"
 cargo bench --no-run --quiet
 
 step "cargo test --release"
-cargo test --release
+LOG="$(mktemp)"
+trap 'rm -f "$LOG"' EXIT
+set +e
+cargo test --release 2>&1 | tee "$LOG"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole suite (unit, integration and doc tests together).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     END { printf "\nsuite: %d passed, %d failed, %d skipped\n", p, f, s }' "$LOG"
+exit "$status"

@@ -115,6 +115,14 @@ pub struct Letterbox {
 impl Letterbox {
     /// Ultralytics' geometry: scale to fit, round the new size, split the padding with the odd
     /// pixel on the right/bottom.
+    ///
+    /// ```
+    /// use edge_vision::detect::Letterbox;
+    /// // A 1280x720 frame in a 640 input: scale 0.5, 140 grey rows above and below.
+    /// let lb = Letterbox::new(1280, 720, 640);
+    /// assert_eq!((lb.scale, lb.pad_x, lb.pad_y), (0.5, 0.0, 140.0));
+    /// assert_eq!(lb.to_original([0.0, 140.0, 320.0, 500.0]), [0.0, 0.0, 640.0, 720.0]);
+    /// ```
     pub fn new(orig_w: u32, orig_h: u32, size: usize) -> Self {
         let scale = (size as f32 / orig_w as f32).min(size as f32 / orig_h as f32);
         let (nw, nh) = Self::unpadded(orig_w, orig_h, scale, size);
