@@ -170,6 +170,24 @@ fn greyscale_and_rgba_inputs_work() {
     assert_eq!(a.detections, orig.detections);
 }
 
+/// A detector over a randomly initialised model (no file involved).
+fn random_detector(tensors: HashMap<String, Tensor>, input_size: usize) -> Detector {
+    Detector::from_file(
+        ModelFile {
+            tensors,
+            metadata: HashMap::new(),
+        },
+        Path::new("random"),
+        None,
+        &Device::Cpu,
+        DetectorConfig {
+            input_size,
+            ..DetectorConfig::default()
+        },
+    )
+    .expect("random model loads")
+}
+
 /// Tensors of a model, forward output flattened, for exact comparisons.
 fn outputs(det: &Detector, input: &Tensor) -> Vec<f32> {
     det.forward(input)
@@ -182,21 +200,7 @@ fn outputs(det: &Detector, input: &Tensor) -> Vec<f32> {
 #[test]
 fn random_yolov8n_saved_and_reloaded_gives_identical_outputs() {
     let tensors = detect::random_yolo_v8(ModelSize::N, 80, 7).unwrap();
-    let path = Path::new("in-memory");
-    let direct = Detector::from_file(
-        ModelFile {
-            tensors: tensors.clone(),
-            metadata: HashMap::new(),
-        },
-        path,
-        None,
-        &Device::Cpu,
-        DetectorConfig {
-            input_size: 320,
-            ..DetectorConfig::default()
-        },
-    )
-    .unwrap();
+    let direct = random_detector(tensors.clone(), 320);
     assert_eq!(direct.size(), ModelSize::N);
     assert_eq!(direct.names().len(), 80);
     assert_eq!(direct.names()[0], "person"); // COCO names for an 80-class model without names
@@ -221,40 +225,14 @@ fn random_yolov8n_saved_and_reloaded_gives_identical_outputs() {
     assert!(a.iter().all(|v| v.is_finite()));
     assert_eq!(a, b, "reloaded model differs");
     // And the outputs depend on the weights (a different seed differs).
-    let other = Detector::from_file(
-        ModelFile {
-            tensors: detect::random_yolo_v8(ModelSize::N, 80, 8).unwrap(),
-            metadata: HashMap::new(),
-        },
-        path,
-        None,
-        &Device::Cpu,
-        DetectorConfig {
-            input_size: 320,
-            ..DetectorConfig::default()
-        },
-    )
-    .unwrap();
+    let other = random_detector(detect::random_yolo_v8(ModelSize::N, 80, 8).unwrap(), 320);
     assert_ne!(a, outputs(&other, &input));
 }
 
 #[test]
 fn every_stock_size_loads_from_its_shapes() {
     for (size, nc) in [(ModelSize::N, 3), (ModelSize::S, 1), (ModelSize::M, 80)] {
-        let det = Detector::from_file(
-            ModelFile {
-                tensors: detect::random_yolo_v8(size, nc, 1).unwrap(),
-                metadata: HashMap::new(),
-            },
-            Path::new("random"),
-            None,
-            &Device::Cpu,
-            DetectorConfig {
-                input_size: 64,
-                ..DetectorConfig::default()
-            },
-        )
-        .unwrap();
+        let det = random_detector(detect::random_yolo_v8(size, nc, 1).unwrap(), 64);
         assert_eq!(det.size(), size);
         assert_eq!(det.names().len(), nc);
     }
@@ -265,20 +243,7 @@ fn the_fused_cpu_path_matches_candles_reference_convolutions() {
     // Same imported weights, run once through our fused GEMM path and once through Candle's
     // stock conv2d (the path other devices take): outputs agree.
     let tensors = detect::random_yolo_v8(ModelSize::N, 2, 3).unwrap();
-    let fused = Detector::from_file(
-        ModelFile {
-            tensors: tensors.clone(),
-            metadata: HashMap::new(),
-        },
-        Path::new("random"),
-        None,
-        &Device::Cpu,
-        DetectorConfig {
-            input_size: 128,
-            ..DetectorConfig::default()
-        },
-    )
-    .unwrap();
+    let fused = random_detector(tensors.clone(), 128);
     let img = image::open(common::fixture("bus.jpg")).unwrap();
     let (input, _) = fused.prepare(&img).unwrap();
     let ours = outputs(&fused, &input);

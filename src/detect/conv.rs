@@ -355,6 +355,25 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     p * f32::from_bits(bits)
 }
 
+/// Batch, channels, height, width.
+type Nchw = (usize, usize, usize, usize);
+
+/// The f32 NCHW slice a custom op works on, or an error naming the op.
+fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> candle_core::Result<(&'a [f32], Nchw)> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op} expects f32 input")
+    };
+    let dims = layout.shape().dims4()?;
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op} expects a contiguous input")
+    };
+    Ok((&data[start..end], dims))
+}
+
 impl CustomOp1 for FusedConv {
     fn name(&self) -> &'static str {
         "fused-conv-bn-silu"
@@ -365,20 +384,13 @@ impl CustomOp1 for FusedConv {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("fused conv expects f32 input")
-        };
-        let (b, c, h, w) = layout.shape().dims4()?;
+        let (x, (b, c, h, w)) = contiguous_f32(storage, layout, "fused conv")?;
         if c != self.c_in {
             candle_core::bail!("fused conv expects {} input channels, got {c}", self.c_in)
         }
         if h + 2 * self.pad < self.k || w + 2 * self.pad < self.k {
             candle_core::bail!("fused conv: input {h}x{w} smaller than kernel {}", self.k)
         }
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("fused conv expects a contiguous input")
-        };
-        let x = &data[start..end];
         let (oh, ow) = self.out_hw(h, w);
         let per_in = c * h * w;
         let per_out = self.c_out * oh * ow;
@@ -412,14 +424,7 @@ impl CustomOp1 for MaxPoolSame {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("maxpool expects f32 input")
-        };
-        let (b, c, h, w) = layout.shape().dims4()?;
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("maxpool expects a contiguous input")
-        };
-        let x = &data[start..end];
+        let (x, (b, c, h, w)) = contiguous_f32(storage, layout, "maxpool")?;
         let r = self.k / 2;
         let mut out = vec![0f32; b * c * h * w];
         out.par_chunks_mut(h * w)
