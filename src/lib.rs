@@ -12,6 +12,11 @@
 //!   Ultralytics checkpoints ([`detect::import`]) and box drawing ([`detect::annotate`]).
 //! * [`fetch`] — `edge-agent model fetch`: downloads a model from `models/manifest.toml` with a
 //!   checksum (feature `agent`).
+//! * [`event`] — the versioned event schema shared by agent and sink (`docs/schema.md`).
+//! * [`outbox`] — the bounded, crash-safe SQLite store-and-forward queue on the device.
+//! * [`uplink`] — drains the outbox to Kafka (rdkafka), deleting rows only after the broker's
+//!   acknowledgement; an explicit state machine (`Online`, `Backlogged`, `Offline`,
+//!   `ShuttingDown`).
 //! * `src/bin/edge-agent.rs` — the device agent's command line; thin, over this library.
 //! * `src/bin/edge-sink.rs` — the Kafka -> PostgreSQL sink (feature `sink`).
 //!
@@ -20,8 +25,13 @@
 
 #[cfg(feature = "agent")]
 pub mod detect;
+pub mod event;
 #[cfg(feature = "agent")]
 pub mod fetch;
+#[cfg(feature = "agent")]
+pub mod outbox;
+#[cfg(feature = "agent")]
+pub mod uplink;
 
 /// Version of the crate, printed by both binaries.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,244 @@
+//! The event schema shared by the agent and the sink (documented in `docs/schema.md`).
+//!
+//! One JSON object per Kafka message, key = `device_id`. Every event has a stable `event_id`
+//! (UUIDv7, made when the frame is captured, so it sorts by time) and a per-device `seq` that
+//! increases monotonically across restarts. Consumers dedupe on `event_id`.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Version of this schema; consumers refuse versions they do not know.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// What happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// A frame went through the detector (with or without detections).
+    Detection,
+    AgentStarted,
+    AgentStopping,
+    CameraLost,
+    CameraRecovered,
+    /// The outbox evicted events to stay under its cap; `health.evicted` has the counts.
+    OutboxEvicted,
+}
+
+impl Kind {
+    pub fn is_health(self) -> bool {
+        self != Kind::Detection
+    }
+}
+
+/// The model that produced a detection event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelRef {
+    pub name: String,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrameSize {
+    pub width: u32,
+    pub height: u32,
+}
+
+/// One detected object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Object {
+    pub label: String,
+    pub class_id: u32,
+    pub confidence: f32,
+    /// `[x1, y1, x2, y2]` in frame pixels.
+    pub bbox: [f32; 4],
+}
+
+/// Eviction counts by reason, carried by `outbox_evicted` events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Evictions {
+    pub no_detections: u64,
+    pub low_confidence: u64,
+    pub oldest: u64,
+    pub expired: u64,
+}
+
+impl Evictions {
+    pub fn total(&self) -> u64 {
+        self.no_detections + self.low_confidence + self.oldest + self.expired
+    }
+}
+
+/// Extra facts of health events.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evicted: Option<Evictions>,
+}
+
+/// One event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    pub schema_version: u32,
+    pub event_id: Uuid,
+    pub device_id: String,
+    /// Monotonic per device; assigned by the outbox when the event is enqueued.
+    pub seq: u64,
+    pub captured_at: DateTime<Utc>,
+    pub kind: Kind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frame: Option<FrameSize>,
+    #[serde(default)]
+    pub detections: Vec<Object>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
+}
+
+impl Event {
+    /// A detection event for a frame captured now (`seq` is set by the outbox).
+    pub fn detection(
+        device_id: &str,
+        model: ModelRef,
+        frame: FrameSize,
+        detections: Vec<Object>,
+    ) -> Self {
+        Self {
+            schema_version: SCHEMA_VERSION,
+            event_id: Uuid::now_v7(),
+            device_id: device_id.to_string(),
+            seq: 0,
+            captured_at: Utc::now(),
+            kind: Kind::Detection,
+            model: Some(model),
+            frame: Some(frame),
+            detections,
+            health: None,
+        }
+    }
+
+    /// A health event (`kind` must not be `Detection`).
+    pub fn health(device_id: &str, kind: Kind, health: Health) -> Self {
+        Self {
+            schema_version: SCHEMA_VERSION,
+            event_id: Uuid::now_v7(),
+            device_id: device_id.to_string(),
+            seq: 0,
+            captured_at: Utc::now(),
+            kind,
+            model: None,
+            frame: None,
+            detections: Vec::new(),
+            health: Some(health),
+        }
+    }
+
+    /// Highest detection confidence (0 without detections): the outbox evicts low values first.
+    pub fn max_confidence(&self) -> f32 {
+        self.detections
+            .iter()
+            .map(|d| d.confidence)
+            .fold(0.0, f32::max)
+    }
+}
+
+/// Why bytes are not an event we accept.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not a JSON event: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("unknown schema_version {0} (this build knows {SCHEMA_VERSION})")]
+    Version(u32),
+}
+
+/// Parses and checks one message payload.
+pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    let ev: Event = serde_json::from_slice(bytes)?;
+    if ev.schema_version != SCHEMA_VERSION {
+        return Err(DecodeError::Version(ev.schema_version));
+    }
+    Ok(ev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Event {
+        Event::detection(
+            "cam-1",
+            ModelRef {
+                name: "fall".into(),
+                sha256: "ab".repeat(32),
+            },
+            FrameSize {
+                width: 640,
+                height: 480,
+            },
+            vec![Object {
+                label: "Normal".into(),
+                class_id: 0,
+                confidence: 0.7,
+                bbox: [1.0, 2.0, 3.0, 4.0],
+            }],
+        )
+    }
+
+    #[test]
+    fn round_trips_and_names_fields_as_documented() {
+        let ev = sample();
+        let json = serde_json::to_value(&ev).unwrap();
+        for key in [
+            "schema_version",
+            "event_id",
+            "device_id",
+            "seq",
+            "captured_at",
+            "kind",
+            "model",
+            "frame",
+            "detections",
+        ] {
+            assert!(json.get(key).is_some(), "missing {key}");
+        }
+        assert_eq!(json["kind"], "detection");
+        assert_eq!(
+            decode(serde_json::to_string(&ev).unwrap().as_bytes()).unwrap(),
+            ev
+        );
+    }
+
+    #[test]
+    fn refuses_unknown_versions_and_fields() {
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v["schema_version"] = 2.into();
+        assert!(matches!(
+            decode(v.to_string().as_bytes()),
+            Err(DecodeError::Version(2))
+        ));
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v["surprise"] = 1.into();
+        assert!(matches!(
+            decode(v.to_string().as_bytes()),
+            Err(DecodeError::Json(_))
+        ));
+        assert!(decode(b"{not json").is_err());
+    }
+
+    #[test]
+    fn event_ids_sort_by_creation() {
+        let a = sample();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = sample();
+        assert!(a.event_id < b.event_id);
+    }
+}

@@ -1,0 +1,684 @@
+//! The store-and-forward outbox: a bounded, crash-safe SQLite queue of events on the device.
+//!
+//! # Invariants
+//!
+//! * **An acknowledged enqueue survives a process crash.** [`Outbox::enqueue`] returns only after
+//!   its transaction committed. With [`Durability::Full`] (the default) the WAL is fsynced at
+//!   every commit, so a power cut loses nothing acknowledged either (on storage that honours
+//!   fsync). With [`Durability::Normal`] a power cut may roll back the last commits since the
+//!   previous checkpoint; a process crash still loses nothing. Batching (group commit) makes
+//!   the fsync cost per batch, not per event.
+//! * **Rows are deleted only after the broker acknowledged them** ([`Outbox::ack`] is called
+//!   from the uplink's delivery reports), so every event leaves at least once.
+//! * **The files never grow past `max_bytes`.** The database is capped with
+//!   `max_page_count`; the WAL is checkpointed and truncated (`journal_size_limit`) within a
+//!   reserve carved out of the cap. Before a batch would not fit, events are evicted by value:
+//!   first events without detections, then the lowest-confidence detections (oldest first on
+//!   ties), then the oldest health events. Evictions are counted by reason, persisted, and
+//!   announced with an `outbox_evicted` health event. `SQLITE_FULL` (cap or disk full) evicts
+//!   and retries instead of failing.
+//! * **A corrupt file never stops the agent.** `quick_check` runs at open; a file that fails it
+//!   (or is not a database) is moved aside as `NAME.corrupt-<unix ms>` with its WAL, kept for
+//!   inspection, counted, and a fresh outbox is opened.
+//! * **Old outboxes open.** The schema is versioned with `PRAGMA user_version`; every older
+//!   version is migrated forward in a transaction at open. A newer version is refused.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
+
+use crate::event::{Event, Evictions, Health, Kind};
+
+/// Schema version this build writes.
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// Version 1: the first release's schema (kept verbatim: migrations start from it).
+const SCHEMA_V1: &str = "
+CREATE TABLE events (
+    seq        INTEGER PRIMARY KEY,
+    event_id   TEXT    NOT NULL UNIQUE,
+    device_id  TEXT    NOT NULL,
+    payload    BLOB    NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT INTO meta (key, value) VALUES ('next_seq', 1);
+";
+
+/// Version 1 -> 2: value columns for eviction, dead letters, persistent counters.
+const MIGRATE_V1_V2: &str = "
+ALTER TABLE events ADD COLUMN class INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE events ADD COLUMN max_conf REAL NOT NULL DEFAULT 0;
+ALTER TABLE events ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
+UPDATE events SET
+    class = CASE
+        WHEN json_extract(payload, '$.kind') != 'detection' THEN 2
+        WHEN json_array_length(payload, '$.detections') > 0 THEN 1
+        ELSE 0 END,
+    max_conf = coalesce((SELECT max(json_extract(value, '$.confidence'))
+                         FROM json_each(payload, '$.detections')), 0),
+    bytes = length(payload);
+CREATE INDEX events_value ON events (class, max_conf, seq);
+CREATE INDEX events_created ON events (created_at);
+CREATE TABLE dead_letters (
+    seq      INTEGER PRIMARY KEY,
+    event_id TEXT    NOT NULL,
+    payload  BLOB    NOT NULL,
+    reason   TEXT    NOT NULL,
+    at       INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO meta (key, value) VALUES
+    ('evicted_no_detections', 0), ('evicted_low_confidence', 0), ('evicted_oldest', 0),
+    ('evicted_expired', 0), ('quarantined', 0);
+";
+
+const INSERT_EVENT: &str =
+    "INSERT INTO events (seq, event_id, device_id, payload, created_at, class, max_conf, bytes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+const NEXT_SEQ: &str = "SELECT value FROM meta WHERE key = 'next_seq'";
+const SET_NEXT_SEQ: &str = "UPDATE meta SET value = ?1 WHERE key = 'next_seq'";
+const BUMP_COUNTER: &str = "UPDATE meta SET value = value + ?2 WHERE key = ?1";
+const READ_COUNTER: &str = "SELECT value FROM meta WHERE key = ?1";
+const EVICTION_ORDER: &str = "SELECT seq, class FROM events ORDER BY class, max_conf, seq LIMIT ?1";
+const DELETE_EVENT: &str = "DELETE FROM events WHERE seq = ?1";
+const SELECT_OLDEST: &str =
+    "SELECT seq, event_id, device_id, payload FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2";
+const SELECT_NEWEST_SINCE: &str =
+    "SELECT seq, event_id, device_id, payload FROM events WHERE created_at >= ?1 ORDER BY seq LIMIT ?2";
+const DEAD_LETTER: &str = "INSERT OR REPLACE INTO dead_letters (seq, event_id, payload, reason, at)
+     SELECT seq, event_id, payload, ?2, ?3 FROM events WHERE seq = ?1";
+const STATS: &str = "SELECT count(*), coalesce(sum(bytes), 0), min(created_at) FROM events";
+
+/// Fsync policy, see the module docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// fsync the WAL at every commit: nothing acknowledged is lost, even on power cut.
+    Full,
+    /// fsync at checkpoints only: a process crash loses nothing, a power cut may lose the last
+    /// commits.
+    Normal,
+}
+
+/// How an outbox is opened.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct OutboxConfig {
+    pub path: PathBuf,
+    /// Upper bound for the database plus its WAL, in bytes (at least 256 KiB).
+    pub max_bytes: u64,
+    /// Events older than this are dropped (counted as `expired`).
+    pub max_age: Option<Duration>,
+    pub durability: Durability,
+    /// Device id used for the outbox's own health events.
+    pub device_id: String,
+}
+
+impl OutboxConfig {
+    pub fn new(path: impl Into<PathBuf>, device_id: &str) -> Self {
+        Self {
+            path: path.into(),
+            max_bytes: 512 * 1024 * 1024,
+            max_age: None,
+            durability: Durability::Full,
+            device_id: device_id.to_string(),
+        }
+    }
+}
+
+/// Why an outbox could not be opened (a corrupt file is not one of them: it is quarantined).
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("outbox {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("outbox {path}: cannot move the corrupt file aside: {source}")]
+    Quarantine {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("outbox {path} has schema version {found}, newer than this agent's {SCHEMA_VERSION}; refusing to touch it")]
+    TooNew { path: PathBuf, found: i64 },
+    #[error("outbox max_bytes {0} is below the minimum of 262144")]
+    CapTooSmall(u64),
+}
+
+/// Why an enqueue failed. Nothing was written when this is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum EnqueueError {
+    #[error("outbox: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("outbox: cannot serialise event: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("outbox is full and nothing is left to evict (batch of {0} bytes is larger than the cap allows)")]
+    Full(u64),
+}
+
+/// What opening found.
+#[derive(Debug, Clone, Default)]
+pub struct OpenReport {
+    /// Where a corrupt file was moved, if one was.
+    pub quarantined: Option<PathBuf>,
+    /// Schema version found on disk (0 for a new file).
+    pub migrated_from: i64,
+}
+
+/// One row ready to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pending {
+    pub seq: u64,
+    pub event_id: String,
+    /// Kafka key.
+    pub device_id: String,
+    /// Kafka value (the event's JSON).
+    pub payload: Vec<u8>,
+}
+
+/// Counters and gauges for status and metrics.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct OutboxStats {
+    pub depth: u64,
+    pub payload_bytes: u64,
+    /// Database plus WAL on disk.
+    pub file_bytes: u64,
+    pub oldest_created_ms: Option<i64>,
+    pub evictions: Evictions,
+    pub dead_letters: u64,
+    pub quarantined: u64,
+    pub next_seq: u64,
+}
+
+/// The outbox. Not `Sync`: share it behind a mutex; every call is short.
+pub struct Outbox {
+    /// The one connection (WAL mode).
+    conn: Connection,
+    /// As opened.
+    cfg: OutboxConfig,
+    /// `max_page_count` we set (database pages available under the cap).
+    max_pages: u64,
+    /// Page size in bytes.
+    page_size: u64,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Bytes set aside from the cap for the WAL.
+fn wal_reserve(max_bytes: u64) -> u64 {
+    (max_bytes / 8).clamp(64 * 1024, 4 * 1024 * 1024)
+}
+
+impl Outbox {
+    /// Opens (creating, migrating or quarantining as needed).
+    pub fn open(cfg: OutboxConfig) -> Result<(Self, OpenReport), OpenError> {
+        if cfg.max_bytes < 256 * 1024 {
+            return Err(OpenError::CapTooSmall(cfg.max_bytes));
+        }
+        let path = cfg.path.clone();
+        let sq = |source| OpenError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let mut report = OpenReport::default();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| OpenError::Quarantine {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        if path.exists() && !Self::healthy(&path) {
+            let moved = quarantine(&path).map_err(|source| OpenError::Quarantine {
+                path: path.clone(),
+                source,
+            })?;
+            tracing::error!(outbox = %path.display(), moved_to = %moved.display(), "outbox failed its integrity check; moved aside, starting a fresh one");
+            report.quarantined = Some(moved);
+        }
+        let conn = Connection::open(&path).map_err(sq)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(sq)?;
+        conn.pragma_update(None, "page_size", 4096).map_err(sq)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(sq)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(mode, "outbox could not switch to WAL mode");
+        }
+        let sync = match cfg.durability {
+            Durability::Full => "FULL",
+            Durability::Normal => "NORMAL",
+        };
+        conn.pragma_update(None, "synchronous", sync).map_err(sq)?;
+        let page_size: u64 = conn
+            .query_row("PRAGMA page_size", [], |r| r.get::<_, i64>(0))
+            .map_err(sq)? as u64;
+        let reserve = wal_reserve(cfg.max_bytes);
+        let max_pages = (cfg.max_bytes - reserve) / page_size;
+        conn.query_row(&format!("PRAGMA max_page_count = {max_pages}"), [], |_| {
+            Ok(())
+        })
+        .map_err(sq)?;
+        conn.pragma_update(None, "journal_size_limit", reserve as i64)
+            .map_err(sq)?;
+        conn.pragma_update(
+            None,
+            "wal_autocheckpoint",
+            (reserve / page_size / 2).max(16) as i64,
+        )
+        .map_err(sq)?;
+
+        let mut outbox = Self {
+            conn,
+            cfg,
+            max_pages,
+            page_size,
+        };
+        report.migrated_from = outbox.migrate().map_err(|e| match e {
+            MigrateError::Sqlite(source) => OpenError::Sqlite {
+                path: path.clone(),
+                source,
+            },
+            MigrateError::TooNew(found) => OpenError::TooNew {
+                path: path.clone(),
+                found,
+            },
+        })?;
+        if report.quarantined.is_some() {
+            outbox
+                .conn
+                .execute(BUMP_COUNTER, params!["quarantined", 1])
+                .map_err(sq)?;
+        }
+        Ok((outbox, report))
+    }
+
+    /// `quick_check` in a separate, read-only connection.
+    fn healthy(path: &Path) -> bool {
+        let Ok(conn) =
+            Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)
+        else {
+            return false;
+        };
+        match conn.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0)) {
+            Ok(s) => s == "ok",
+            Err(_) => false,
+        }
+    }
+
+    fn migrate(&mut self) -> Result<i64, MigrateError> {
+        let found: i64 = self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if found > SCHEMA_VERSION {
+            return Err(MigrateError::TooNew(found));
+        }
+        let tx = self.conn.transaction()?;
+        if found < 1 {
+            tx.execute_batch(SCHEMA_V1)?;
+        }
+        if found < 2 {
+            tx.execute_batch(MIGRATE_V1_V2)?;
+        }
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()?;
+        Ok(found)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.cfg.path
+    }
+
+    /// Pages in use (database pages minus free pages).
+    fn used_pages(&self) -> rusqlite::Result<u64> {
+        let count: i64 = self.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        let free: i64 = self
+            .conn
+            .query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+        Ok((count - free).max(0) as u64)
+    }
+
+    /// Enqueues a batch in one transaction (group commit); assigns and returns each event's
+    /// `seq`. Evicts by value first when the batch would not fit under the cap.
+    pub fn enqueue(&mut self, events: &mut [Event]) -> Result<Vec<u64>, EnqueueError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut payload_estimate = 0u64;
+        for e in events.iter() {
+            payload_estimate += serde_json::to_vec(e)?.len() as u64 + 64;
+        }
+        let mut attempts = 0;
+        // Evictions made for this batch, recorded (counters + health event) with it.
+        let mut evicted = Evictions::default();
+        loop {
+            attempts += 1;
+            add(&mut evicted, self.make_room(payload_estimate)?);
+            match self.try_enqueue(events, evicted) {
+                Ok(seqs) => return Ok(seqs),
+                Err(EnqueueError::Sqlite(e)) if is_full(&e) && attempts < 20 => {
+                    // Cap or disk full: evict a tenth of the queue and try again.
+                    let depth = self.stats_counts()?.0;
+                    if depth == 0 {
+                        return Err(EnqueueError::Full(payload_estimate));
+                    }
+                    tracing::warn!(error = %e, "outbox full; evicting and retrying");
+                    let n = (depth / 10).max(1);
+                    add(&mut evicted, self.evict(n)?);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn try_enqueue(
+        &mut self,
+        events: &mut [Event],
+        evicted: Evictions,
+    ) -> Result<Vec<u64>, EnqueueError> {
+        let device = self.cfg.device_id.clone();
+        let tx = self.conn.transaction()?;
+        let mut next: i64 = tx.query_row(NEXT_SEQ, [], |r| r.get(0))?;
+        let now = now_ms();
+        let mut seqs = Vec::with_capacity(events.len() + 1);
+        let mut health = if evicted.total() > 0 {
+            Some(Event::health(
+                &device,
+                Kind::OutboxEvicted,
+                Health {
+                    message: None,
+                    evicted: Some(evicted),
+                },
+            ))
+        } else {
+            None
+        };
+        {
+            let mut insert = tx.prepare_cached(INSERT_EVENT)?;
+            for ev in health.iter_mut().chain(events.iter_mut()) {
+                ev.seq = next as u64;
+                let payload = serde_json::to_vec(&*ev)?;
+                let class = if ev.kind.is_health() {
+                    2
+                } else if ev.detections.is_empty() {
+                    0
+                } else {
+                    1
+                };
+                insert.execute(params![
+                    next,
+                    ev.event_id.to_string(),
+                    ev.device_id,
+                    payload,
+                    now,
+                    class,
+                    ev.max_confidence() as f64,
+                    payload.len() as i64
+                ])?;
+                seqs.push(next as u64);
+                next += 1;
+            }
+            tx.execute(SET_NEXT_SEQ, params![next])?;
+            for (key, n) in counter_pairs(&evicted) {
+                tx.execute(BUMP_COUNTER, params![key, n as i64])?;
+            }
+        }
+        tx.commit()?;
+        if health.is_some() {
+            seqs.remove(0);
+        }
+        Ok(seqs)
+    }
+
+    /// Evicts until `incoming` more bytes fit with some headroom; returns what was evicted
+    /// (not yet recorded: the caller records it with the batch, atomically).
+    fn make_room(&mut self, incoming: u64) -> Result<Evictions, EnqueueError> {
+        let mut total = Evictions::default();
+        if let Some(age) = self.cfg.max_age {
+            let cutoff = now_ms() - age.as_millis() as i64;
+            let n = self.conn.execute(
+                "DELETE FROM events WHERE created_at < ?1 AND class != 2",
+                params![cutoff],
+            )?;
+            total.expired += n as u64;
+        }
+        // Pages the batch needs (rows + index entries), with slack.
+        let needed = (incoming * 2).div_ceil(self.page_size) + 8;
+        let limit = self.max_pages * 90 / 100;
+        let mut used = self.used_pages()?;
+        while used + needed > limit {
+            let depth = self.stats_counts()?.0;
+            if depth == 0 {
+                break;
+            }
+            // Evict towards 75% of the cap, at least a few rows per round.
+            let over = (used + needed).saturating_sub(self.max_pages * 75 / 100);
+            let avg_row_pages = (used as f64 / depth as f64).max(1e-3);
+            let n = ((over as f64 / avg_row_pages).ceil() as u64).clamp(1, depth);
+            let ev = self.evict(n)?;
+            add(&mut total, ev);
+            let after = self.used_pages()?;
+            if after >= used && ev.total() == 0 {
+                break;
+            }
+            used = after;
+        }
+        if total.total() > 0 {
+            tracing::warn!(?total, "outbox at its cap: evicted events by value");
+        }
+        Ok(total)
+    }
+
+    /// Deletes the `n` lowest-value events; returns counts by reason.
+    fn evict(&mut self, n: u64) -> rusqlite::Result<Evictions> {
+        let tx = self.conn.transaction()?;
+        let victims: Vec<(i64, i64)> = {
+            let mut stmt = tx.prepare_cached(EVICTION_ORDER)?;
+            let rows = stmt.query_map(params![n as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let mut ev = Evictions::default();
+        {
+            let mut del = tx.prepare_cached(DELETE_EVENT)?;
+            for (seq, class) in &victims {
+                del.execute(params![seq])?;
+                match class {
+                    0 => ev.no_detections += 1,
+                    1 => ev.low_confidence += 1,
+                    _ => ev.oldest += 1,
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(ev)
+    }
+
+    /// Up to `limit` rows to send, skipping `in_flight`. With `live_since_ms`, rows created at
+    /// or after it come first (live-first drain), then the oldest backlog.
+    pub fn next_batch(
+        &self,
+        limit: usize,
+        in_flight: &HashSet<u64>,
+        live_since_ms: Option<i64>,
+    ) -> rusqlite::Result<Vec<Pending>> {
+        let mut out = Vec::with_capacity(limit);
+        let mut seen = HashSet::new();
+        let scan = (limit + in_flight.len()) as i64;
+        let map = |r: &rusqlite::Row| {
+            Ok(Pending {
+                seq: r.get::<_, i64>(0)? as u64,
+                event_id: r.get(1)?,
+                device_id: r.get(2)?,
+                payload: r.get(3)?,
+            })
+        };
+        if let Some(since) = live_since_ms {
+            let mut stmt = self.conn.prepare_cached(SELECT_NEWEST_SINCE)?;
+            for row in stmt.query_map(params![since, scan], map)? {
+                let p = row?;
+                if out.len() >= limit {
+                    break;
+                }
+                if !in_flight.contains(&p.seq) && seen.insert(p.seq) {
+                    out.push(p);
+                }
+            }
+        }
+        let mut after = 0i64;
+        while out.len() < limit {
+            let mut stmt = self.conn.prepare_cached(SELECT_OLDEST)?;
+            let rows: Vec<Pending> = stmt
+                .query_map(params![after, scan], map)?
+                .collect::<rusqlite::Result<_>>()?;
+            if rows.is_empty() {
+                break;
+            }
+            for p in rows {
+                after = p.seq as i64;
+                if out.len() < limit && !in_flight.contains(&p.seq) && seen.insert(p.seq) {
+                    out.push(p);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes delivered rows (one transaction).
+    pub fn ack(&mut self, seqs: &[u64]) -> rusqlite::Result<usize> {
+        let tx = self.conn.transaction()?;
+        let mut n = 0;
+        {
+            let mut del = tx.prepare_cached(DELETE_EVENT)?;
+            for s in seqs {
+                n += del.execute(params![*s as i64])?;
+            }
+        }
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// Moves a row to the dead-letter table (it will never be sent again).
+    pub fn dead_letter(&mut self, seq: u64, reason: &str) -> rusqlite::Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute(DEAD_LETTER, params![seq as i64, reason, now_ms()])?;
+        tx.execute(DELETE_EVENT, params![seq as i64])?;
+        tx.commit()
+    }
+
+    fn stats_counts(&self) -> rusqlite::Result<(u64, u64, Option<i64>)> {
+        self.conn.query_row(STATS, [], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, i64>(1)? as u64,
+                r.get(2)?,
+            ))
+        })
+    }
+
+    /// Depth, bytes, counters.
+    pub fn stats(&self) -> rusqlite::Result<OutboxStats> {
+        let (depth, payload_bytes, oldest) = self.stats_counts()?;
+        let counter = |k: &str| -> rusqlite::Result<u64> {
+            Ok(self
+                .conn
+                .query_row(READ_COUNTER, params![k], |r| r.get::<_, i64>(0))
+                .optional()?
+                .unwrap_or(0) as u64)
+        };
+        let dead: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))?;
+        Ok(OutboxStats {
+            depth,
+            payload_bytes,
+            file_bytes: file_bytes(&self.cfg.path),
+            oldest_created_ms: oldest,
+            evictions: Evictions {
+                no_detections: counter("evicted_no_detections")?,
+                low_confidence: counter("evicted_low_confidence")?,
+                oldest: counter("evicted_oldest")?,
+                expired: counter("evicted_expired")?,
+            },
+            dead_letters: dead as u64,
+            quarantined: counter("quarantined")?,
+            next_seq: counter("next_seq")?,
+        })
+    }
+
+    /// All rows' seq and class, oldest first (tests and `status`).
+    pub fn classes(&self) -> rusqlite::Result<Vec<(u64, i64, f64)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT seq, class, max_conf FROM events ORDER BY seq")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?))
+        })?;
+        rows.collect()
+    }
+
+    /// Checkpoints and truncates the WAL (at shutdown, and in tests measuring the file).
+    pub fn checkpoint(&self) -> rusqlite::Result<()> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+    }
+}
+
+enum MigrateError {
+    Sqlite(rusqlite::Error),
+    TooNew(i64),
+}
+
+impl From<rusqlite::Error> for MigrateError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Sqlite(e)
+    }
+}
+
+fn add(into: &mut Evictions, ev: Evictions) {
+    into.no_detections += ev.no_detections;
+    into.low_confidence += ev.low_confidence;
+    into.oldest += ev.oldest;
+    into.expired += ev.expired;
+}
+
+fn counter_pairs(ev: &Evictions) -> [(&'static str, u64); 4] {
+    [
+        ("evicted_no_detections", ev.no_detections),
+        ("evicted_low_confidence", ev.low_confidence),
+        ("evicted_oldest", ev.oldest),
+        ("evicted_expired", ev.expired),
+    ]
+}
+
+fn is_full(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::DiskFull)
+}
+
+/// Size of the database and its WAL on disk.
+pub fn file_bytes(path: &Path) -> u64 {
+    let size = |p: PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    size(path.to_owned()) + size(PathBuf::from(wal))
+}
+
+/// Moves a corrupt database (and its WAL/SHM) aside; returns the new path.
+fn quarantine(path: &Path) -> std::io::Result<PathBuf> {
+    let stamp = now_ms();
+    let mut target = path.as_os_str().to_owned();
+    target.push(format!(".corrupt-{stamp}"));
+    let target = PathBuf::from(target);
+    std::fs::rename(path, &target)?;
+    for suffix in ["-wal", "-shm"] {
+        let mut side = path.as_os_str().to_owned();
+        side.push(suffix);
+        let side = PathBuf::from(side);
+        if side.exists() {
+            let mut t = target.as_os_str().to_owned();
+            t.push(suffix);
+            std::fs::rename(&side, PathBuf::from(t))?;
+        }
+    }
+    Ok(target)
+}

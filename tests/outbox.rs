@@ -1,0 +1,316 @@
+//! The outbox on real SQLite files: cap and eviction by value, corruption quarantine, the first
+//! release's file, and crash safety of acknowledged enqueues (SIGKILL).
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use edge_vision::event::{Event, FrameSize, Kind, ModelRef, Object};
+use edge_vision::outbox::{file_bytes, Durability, Outbox, OutboxConfig};
+
+fn event(i: u64, with_detections: bool) -> Event {
+    let detections = if with_detections {
+        vec![Object {
+            label: "person".into(),
+            class_id: 0,
+            confidence: 0.25 + (i % 70) as f32 / 100.0,
+            bbox: [0.0, 0.0, 1.0, 1.0],
+        }]
+    } else {
+        Vec::new()
+    };
+    Event::detection(
+        "dev",
+        ModelRef {
+            name: "m".into(),
+            sha256: "0".repeat(64),
+        },
+        FrameSize {
+            width: 640,
+            height: 480,
+        },
+        detections,
+    )
+}
+
+fn open(path: &std::path::Path, max_bytes: u64) -> Outbox {
+    let mut cfg = OutboxConfig::new(path, "dev");
+    cfg.max_bytes = max_bytes;
+    cfg.durability = Durability::Normal;
+    Outbox::open(cfg).expect("open").0
+}
+
+#[test]
+fn seq_is_monotonic_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("o.sqlite");
+    let mut ob = open(&p, 8 << 20);
+    let a = ob.enqueue(&mut [event(1, true), event(2, false)]).unwrap();
+    assert_eq!(a, vec![1, 2]);
+    ob.ack(&a).unwrap();
+    drop(ob);
+    let mut ob = open(&p, 8 << 20);
+    let b = ob.enqueue(&mut [event(3, true)]).unwrap();
+    assert_eq!(
+        b,
+        vec![3],
+        "seq continues after a restart even when the queue was emptied"
+    );
+}
+
+#[test]
+fn the_cap_holds_and_evicts_by_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("o.sqlite");
+    let cap = 1 << 20; // 1 MiB
+    let mut ob = open(&p, cap);
+    let mut enqueued = 0u64;
+    let mut ids = Vec::new();
+    for round in 0..100u64 {
+        let mut batch: Vec<Event> = (0..100)
+            .map(|k| event(round * 100 + k, (round * 100 + k) % 2 == 0))
+            .collect();
+        ids.extend(batch.iter().map(|e| e.event_id));
+        ob.enqueue(&mut batch).unwrap();
+        enqueued += 100;
+        let size = file_bytes(&p);
+        assert!(
+            size <= cap,
+            "outbox is {size} bytes after {enqueued} events, cap {cap}"
+        );
+    }
+    let st = ob.stats().unwrap();
+    let ev = st.evictions;
+    assert!(ev.no_detections > 0 && st.depth > 0, "{st:?}");
+    let rows = ob.classes().unwrap();
+    let health = rows.iter().filter(|r| r.1 == 2).count() as u64;
+    assert!(
+        health > 0,
+        "eviction announced by outbox_evicted health events"
+    );
+    // Every event is either still queued or counted as evicted.
+    assert_eq!(st.depth - health + ev.total(), enqueued, "{st:?}");
+    // Events without detections go first: the survivors are the valuable ones.
+    let with = rows.iter().filter(|r| r.1 == 1).count() as f64;
+    let without = rows.iter().filter(|r| r.1 == 0).count() as f64;
+    assert!(
+        with / (with + without) > 0.9,
+        "survivors with detections: {with}, without: {without}"
+    );
+    assert!(
+        ev.low_confidence > 0,
+        "the cap is small enough that detections had to go too: {ev:?}"
+    );
+    // Once low-confidence events had to go, the survivors skew confident: the input's mean
+    // confidence is 0.595 (uniform 0.25..0.94); only the newest, not yet filtered, are below.
+    let confs: Vec<f64> = rows.iter().filter(|r| r.1 == 1).map(|r| r.2).collect();
+    let mean = confs.iter().sum::<f64>() / confs.len() as f64;
+    assert!(mean > 0.65, "mean surviving confidence {mean}");
+    // The counters persist.
+    drop(ob);
+    let ob = open(&p, cap);
+    assert_eq!(ob.stats().unwrap().evictions, ev);
+}
+
+#[test]
+fn max_age_expires_old_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("o.sqlite");
+    let mut cfg = OutboxConfig::new(&p, "dev");
+    cfg.max_age = Some(std::time::Duration::from_millis(200));
+    let (mut ob, _) = Outbox::open(cfg).unwrap();
+    ob.enqueue(&mut [event(1, true), event(2, true)]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    ob.enqueue(&mut [event(3, true)]).unwrap();
+    let st = ob.stats().unwrap();
+    assert_eq!(st.evictions.expired, 2);
+    // The survivor and the health event announcing the expiry.
+    let rows = ob.classes().unwrap();
+    assert_eq!(rows.iter().filter(|r| r.1 == 1).count(), 1);
+    assert_eq!(rows.iter().filter(|r| r.1 == 2).count(), 1);
+}
+
+#[test]
+fn a_corrupt_outbox_is_quarantined_and_a_fresh_one_works() {
+    let dir = tempfile::tempdir().unwrap();
+    // 1. Not a database at all.
+    let p = dir.path().join("garbage.sqlite");
+    std::fs::write(&p, vec![0x5au8; 64 * 1024]).unwrap();
+    let (mut ob, report) = Outbox::open(OutboxConfig::new(&p, "dev")).expect("opens anyway");
+    let moved = report.quarantined.expect("quarantined");
+    assert!(moved.exists() && moved.display().to_string().contains(".corrupt-"));
+    assert_eq!(
+        std::fs::read(&moved).unwrap(),
+        vec![0x5au8; 64 * 1024],
+        "kept, not deleted"
+    );
+    assert_eq!(ob.enqueue(&mut [event(1, true)]).unwrap(), vec![1]);
+    assert_eq!(ob.stats().unwrap().quarantined, 1);
+
+    // 2. A real outbox with a damaged b-tree page.
+    let p = dir.path().join("damaged.sqlite");
+    {
+        let mut ob = open(&p, 64 << 20);
+        let mut batch: Vec<Event> = (0..2000).map(|i| event(i, true)).collect();
+        ob.enqueue(&mut batch).unwrap();
+        ob.checkpoint().unwrap();
+    }
+    let mut bytes = std::fs::read(&p).unwrap();
+    let page = 4096;
+    for b in &mut bytes[3 * page..3 * page + 2048] {
+        *b = 0xff;
+    }
+    std::fs::write(&p, &bytes).unwrap();
+    let (mut ob, report) = Outbox::open(OutboxConfig::new(&p, "dev")).expect("opens anyway");
+    assert!(
+        report.quarantined.is_some(),
+        "quick_check caught the damage"
+    );
+    assert_eq!(ob.stats().unwrap().depth, 0);
+    ob.enqueue(&mut [event(1, false)]).unwrap();
+}
+
+#[test]
+fn the_first_release_outbox_opens_and_migrates() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("v1.sqlite");
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/outbox_v1.sqlite"
+        ),
+        &p,
+    )
+    .unwrap();
+    let (mut ob, report) = Outbox::open(OutboxConfig::new(&p, "legacy-device")).unwrap();
+    assert_eq!(report.migrated_from, 1);
+    let rows = ob.classes().unwrap();
+    assert_eq!(rows.len(), 25);
+    // Classes and confidences were backfilled from the payloads.
+    assert_eq!(rows.iter().filter(|r| r.1 == 2).count(), 2);
+    assert_eq!(rows.iter().filter(|r| r.1 == 1).count(), 12);
+    let conf = rows.iter().find(|r| r.0 == 2).unwrap().2;
+    assert!((conf - 0.32).abs() < 1e-6, "{conf}");
+    // New events continue the old sequence.
+    assert_eq!(ob.enqueue(&mut [event(1, true)]).unwrap(), vec![26]);
+    let batch = ob.next_batch(100, &HashSet::new(), None).unwrap();
+    assert_eq!(batch.len(), 26);
+    let first: Event = serde_json::from_slice(&batch[0].payload).unwrap();
+    assert_eq!(first.kind, Kind::AgentStarted);
+    assert_eq!(first.device_id, "legacy-device");
+}
+
+#[test]
+fn a_newer_outbox_is_refused_not_damaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("new.sqlite");
+    drop(open(&p, 8 << 20));
+    {
+        let c = rusqlite::Connection::open(&p).unwrap();
+        c.pragma_update(None, "user_version", 99).unwrap();
+    }
+    let err = Outbox::open(OutboxConfig::new(&p, "dev"))
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("schema version 99"), "{err}");
+}
+
+#[test]
+fn live_first_batches_put_fresh_events_ahead_of_the_backlog() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ob = open(&dir.path().join("o.sqlite"), 8 << 20);
+    let mut old: Vec<Event> = (0..50).map(|i| event(i, true)).collect();
+    ob.enqueue(&mut old).unwrap();
+    let cutoff = chrono::Utc::now().timestamp_millis() + 1;
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let mut fresh: Vec<Event> = (0..5).map(|i| event(100 + i, true)).collect();
+    ob.enqueue(&mut fresh).unwrap();
+    let batch = ob.next_batch(10, &HashSet::new(), Some(cutoff)).unwrap();
+    let seqs: Vec<u64> = batch.iter().map(|p| p.seq).collect();
+    assert_eq!(seqs, vec![51, 52, 53, 54, 55, 1, 2, 3, 4, 5]);
+    let fifo: Vec<u64> = ob
+        .next_batch(3, &HashSet::new(), None)
+        .unwrap()
+        .iter()
+        .map(|p| p.seq)
+        .collect();
+    assert_eq!(fifo, vec![1, 2, 3]);
+    let skip: HashSet<u64> = [1, 2].into_iter().collect();
+    let rest: Vec<u64> = ob
+        .next_batch(2, &skip, None)
+        .unwrap()
+        .iter()
+        .map(|p| p.seq)
+        .collect();
+    assert_eq!(rest, vec![3, 4], "in-flight rows are not read twice");
+}
+
+/// SIGKILL the writer mid-stream, many times: every batch it acknowledged is in the file.
+#[test]
+fn sigkill_never_loses_an_acknowledged_enqueue() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("o.sqlite");
+    let mut acked_max = 0u64;
+    for trial in 0..10 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+            .args([
+                "outbox",
+                "fill",
+                "--outbox",
+                &p.display().to_string(),
+                "--count",
+                "1000000",
+                "--batch",
+                "50",
+                "--progress",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(out).lines();
+        let stop_after = 5 + trial * 7;
+        let mut seen = 0;
+        let mut last = 0;
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Some(v) = line.strip_prefix("acked ") {
+                last = v.parse::<u64>().unwrap();
+                seen += 1;
+                if seen >= stop_after {
+                    break;
+                }
+            }
+        }
+        // Kill while it is in the middle of further batches.
+        unsafe { libc_kill(child.id() as i32, 9) };
+        let _ = child.wait();
+        assert!(last > acked_max);
+        acked_max = last;
+        let ob = open(&p, 512 << 20);
+        let st = ob.stats().unwrap();
+        assert!(
+            st.next_seq > acked_max,
+            "trial {trial}: acked {acked_max}, next_seq {}",
+            st.next_seq
+        );
+        assert!(
+            st.depth >= acked_max,
+            "trial {trial}: acked up to {acked_max} but only {} rows",
+            st.depth
+        );
+        let rows = ob.classes().unwrap();
+        let present: HashSet<u64> = rows.iter().map(|r| r.0).collect();
+        assert!(
+            (1..=acked_max).all(|s| present.contains(&s)),
+            "trial {trial}: an acknowledged seq is missing"
+        );
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
