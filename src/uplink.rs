@@ -36,7 +36,7 @@ use tokio::sync::watch;
 use crate::outbox::{Outbox, Pending};
 
 /// Where the uplink is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     Online,
@@ -271,6 +271,9 @@ struct Uplink {
     unauthorized: bool,
     /// Offline backoff, doubled per failed probe.
     backoff: Duration,
+    /// Probes that failed in a row; after a few the producer is rebuilt (an idempotent
+    /// producer whose messages timed out can stay wedged on brokers without epoch bumps).
+    failed_probes: u32,
     bucket: Option<Bucket>,
     status: watch::Sender<UplinkStatus>,
 }
@@ -413,16 +416,25 @@ impl Uplink {
 
     fn rebuild_if_fatal(&mut self) -> Result<(), UplinkError> {
         if let Some((code, reason)) = self.producer.client().fatal_error() {
-            tracing::error!(
-                ?code,
-                reason,
-                "fatal producer error; rebuilding the producer"
-            );
-            self.producer = client_config(&self.cfg)?
-                .create()
-                .map_err(UplinkError::Config)?;
-            self.status.send_modify(|s| s.producer_rebuilds += 1);
+            tracing::error!(?code, reason, "fatal producer error");
+            self.rebuild("fatal producer error")?;
         }
+        Ok(())
+    }
+
+    /// Replaces the producer. Its queued messages are purged; their rows stay in the outbox
+    /// and are sent again by the new producer.
+    fn rebuild(&mut self, why: &str) -> Result<(), UplinkError> {
+        tracing::warn!(
+            why,
+            in_flight = self.in_flight.len(),
+            "rebuilding the Kafka producer"
+        );
+        let fresh: FutureProducer = client_config(&self.cfg)?
+            .create()
+            .map_err(UplinkError::Config)?;
+        drop(std::mem::replace(&mut self.producer, fresh));
+        self.status.send_modify(|s| s.producer_rebuilds += 1);
         Ok(())
     }
 
@@ -488,8 +500,14 @@ impl Uplink {
         }
         if self.failures == 0 {
             self.backoff = Duration::from_millis(250);
+            self.failed_probes = 0;
             Ok(State::Online)
         } else {
+            self.failed_probes += 1;
+            if self.failed_probes >= 1 {
+                self.rebuild("probes keep failing")?;
+                self.failed_probes = 0;
+            }
             Ok(State::Offline)
         }
     }
@@ -538,6 +556,7 @@ pub async fn run(
         failures: 0,
         unauthorized: false,
         backoff: Duration::from_millis(250),
+        failed_probes: 0,
         bucket,
         status,
     };

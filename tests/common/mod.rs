@@ -65,3 +65,6 @@ pub fn ort_reference() -> Vec<Reference> {
         .map(|l| serde_json::from_str(l).expect("reference line"))
         .collect()
 }
+
+pub mod broker;
+pub mod proxy;

@@ -34,7 +34,9 @@ impl FaultProxy {
         let (m, g) = (mode.clone(), generation.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((client, _)) = listener.accept().await else { continue };
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
                 match m.load(Ordering::SeqCst) {
                     CUT => drop(client),
                     mode => {
@@ -46,7 +48,11 @@ impl FaultProxy {
                 }
             }
         });
-        Self { addr, mode, generation }
+        Self {
+            addr,
+            mode,
+            generation,
+        }
     }
 
     pub fn cut(&self) {
@@ -64,7 +70,13 @@ impl FaultProxy {
     }
 }
 
-async fn relay(mut client: TcpStream, upstream: SocketAddr, blackhole: bool, mode: Arc<AtomicU8>, gen: Arc<AtomicU64>) -> std::io::Result<()> {
+async fn relay(
+    mut client: TcpStream,
+    upstream: SocketAddr,
+    blackhole: bool,
+    mode: Arc<AtomicU8>,
+    gen: Arc<AtomicU64>,
+) -> std::io::Result<()> {
     let born = gen.load(Ordering::SeqCst);
     if blackhole {
         // Hold the connection open and read nothing useful until restored.

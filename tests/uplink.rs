@@ -1,0 +1,341 @@
+//! The uplink against a real Kafka-protocol broker (tansu) behind a fault proxy, and
+//! librdkafka's MockCluster for request errors. Every test counts arrivals by `event_id`.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::broker::Broker;
+use edge_vision::event::{Event, FrameSize, ModelRef, Object};
+use edge_vision::outbox::{Durability, Outbox, OutboxConfig};
+use edge_vision::uplink::{self, State, UplinkConfig, UplinkStatus};
+use tokio::sync::watch;
+
+fn event(i: u64) -> Event {
+    let detections = if i % 3 == 0 {
+        Vec::new()
+    } else {
+        vec![Object {
+            label: "person".into(),
+            class_id: 0,
+            confidence: 0.5,
+            bbox: [0.0, 0.0, 10.0, 10.0],
+        }]
+    };
+    Event::detection(
+        "dev-1",
+        ModelRef {
+            name: "m".into(),
+            sha256: "0".repeat(64),
+        },
+        FrameSize {
+            width: 640,
+            height: 480,
+        },
+        detections,
+    )
+}
+
+fn outbox(dir: &std::path::Path) -> Arc<Mutex<Outbox>> {
+    let mut cfg = OutboxConfig::new(dir.join("outbox.sqlite"), "dev-1");
+    cfg.durability = Durability::Normal;
+    Arc::new(Mutex::new(Outbox::open(cfg).unwrap().0))
+}
+
+fn enqueue(ob: &Arc<Mutex<Outbox>>, n: u64, ids: &mut HashSet<String>) {
+    let mut done = 0;
+    while done < n {
+        let k = 500.min(n - done);
+        let mut batch: Vec<Event> = (done..done + k).map(event).collect();
+        ids.extend(batch.iter().map(|e| e.event_id.to_string()));
+        ob.lock().unwrap().enqueue(&mut batch).unwrap();
+        done += k;
+    }
+}
+
+struct Running {
+    stop: watch::Sender<bool>,
+    status: watch::Receiver<UplinkStatus>,
+    task: tokio::task::JoinHandle<Result<(), uplink::UplinkError>>,
+}
+
+fn spawn_uplink(ob: Arc<Mutex<Outbox>>, cfg: UplinkConfig) -> Running {
+    let (stop, stop_rx) = watch::channel(false);
+    let (status_tx, status) = watch::channel(UplinkStatus::default());
+    let task = tokio::spawn(uplink::run(ob, cfg, stop_rx, status_tx, false));
+    Running { stop, status, task }
+}
+
+impl Running {
+    async fn wait_empty(&self, ob: &Arc<Mutex<Outbox>>, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let depth = ob.lock().unwrap().stats().unwrap().depth;
+            if depth == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "outbox still holds {depth} events; status {:?}",
+                *self.status.borrow()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn stop(self) -> UplinkStatus {
+        let _ = self.stop.send(true);
+        self.task.await.expect("join").expect("uplink ran cleanly");
+        let st = self.status.borrow().clone();
+        st
+    }
+}
+
+fn config(b: &Broker, topic: &str) -> UplinkConfig {
+    let mut cfg = UplinkConfig::new(&b.bootstrap, topic);
+    cfg.message_timeout_ms = 5_000;
+    cfg.max_backoff_ms = 2_000;
+    cfg
+}
+
+fn assert_all_arrived(b: &Broker, topic: &str, ids: &HashSet<String>) -> usize {
+    let seen = b.consume_event_ids(topic, 3, ids.len(), Duration::from_secs(60));
+    let missing = ids.iter().filter(|id| !seen.contains_key(*id)).count();
+    assert_eq!(
+        missing,
+        0,
+        "{missing} of {} events never arrived",
+        ids.len()
+    );
+    let unexpected = seen.keys().filter(|id| !ids.contains(*id)).count();
+    assert_eq!(unexpected, 0, "events arrived that were never enqueued");
+    seen.values().filter(|&&n| n > 1).count()
+}
+
+/// 1. Start with the broker unreachable, enqueue 10,000 events, make it reachable: all arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_offline_then_delivers_everything() {
+    let b = Broker::start().await;
+    b.create_topic("offline-start", 3);
+    b.proxy.cut();
+    let dir = tempfile::tempdir().unwrap();
+    let ob = outbox(dir.path());
+    let mut ids = HashSet::new();
+    enqueue(&ob, 10_000, &mut ids);
+    let run = spawn_uplink(ob.clone(), config(&b, "offline-start"));
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(
+        run.status.borrow().state,
+        Some(State::Offline),
+        "unreachable broker means Offline"
+    );
+    assert_eq!(
+        ob.lock().unwrap().stats().unwrap().depth,
+        10_000,
+        "nothing deleted without an ack"
+    );
+    b.proxy.restore();
+    run.wait_empty(&ob, Duration::from_secs(90)).await;
+    let st = run.stop().await;
+    assert!(st.delivered >= 10_000);
+    let dups = assert_all_arrived(&b, "offline-start", &ids);
+    eprintln!("offline start: 10000 events, {dups} arrived twice");
+}
+
+/// 2. Cut the network for 30 s three times while draining (events keep coming): none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_thirty_second_outages_lose_nothing() {
+    let b = Broker::start().await;
+    b.create_topic("outages", 3);
+    let dir = tempfile::tempdir().unwrap();
+    let ob = outbox(dir.path());
+    let mut ids = HashSet::new();
+    enqueue(&ob, 5_000, &mut ids);
+    let run = spawn_uplink(ob.clone(), config(&b, "outages"));
+    let mut states = HashSet::new();
+    for round in 0..3 {
+        // Events keep arriving (as from a camera) while the link is up and while it is down.
+        for _ in 0..10 {
+            enqueue(&ob, 200, &mut ids);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        b.proxy.cut();
+        let cut_at = Instant::now();
+        while cut_at.elapsed() < Duration::from_secs(30) {
+            enqueue(&ob, 100, &mut ids);
+            if let Some(s) = run.status.borrow().state {
+                states.insert(s);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        b.proxy.restore();
+        let before = run.status.borrow().delivered;
+        let restored = Instant::now();
+        while run.status.borrow().delivered == before {
+            assert!(
+                restored.elapsed() < Duration::from_secs(30),
+                "no delivery within 30 s of the link coming back"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        eprintln!(
+            "outage {} over; deliveries resumed after {:.1} s; depth {}",
+            round + 1,
+            restored.elapsed().as_secs_f64(),
+            ob.lock().unwrap().stats().unwrap().depth
+        );
+    }
+    run.wait_empty(&ob, Duration::from_secs(120)).await;
+    let st = run.stop().await;
+    assert!(states.contains(&State::Offline), "saw states {states:?}");
+    let dups = assert_all_arrived(&b, "outages", &ids);
+    eprintln!(
+        "outages: {} events, {} failed deliveries retried, {dups} arrived twice",
+        ids.len(),
+        st.failed_deliveries
+    );
+}
+
+/// 3. SIGKILL the draining agent at random moments, 20 times, restarting it: every event
+/// arrives at least once; duplicates are reported (the sink removes them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_drain_loses_nothing() {
+    let b = Broker::start().await;
+    b.create_topic("sigkill", 3);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.sqlite");
+    let mut ids = HashSet::new();
+    {
+        let ob = outbox(dir.path());
+        enqueue(&ob, 30_000, &mut ids);
+    }
+    let bin = env!("CARGO_BIN_EXE_edge-agent");
+    let drain = |exit: bool| {
+        let mut c = std::process::Command::new(bin);
+        c.args([
+            "outbox",
+            "drain",
+            "--outbox",
+            &path.display().to_string(),
+            "--brokers",
+            &b.bootstrap,
+            "--topic",
+            "sigkill",
+        ])
+        .args(["--max-in-flight", "500", "--max-bytes-per-sec", "2000000"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        if exit {
+            c.arg("--exit-when-empty");
+        }
+        c
+    };
+    let mut seed = 0x9e3779b97f4a7c15u64;
+    for _ in 0..20 {
+        let mut child = drain(false).spawn().unwrap();
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        tokio::time::sleep(Duration::from_millis(150 + seed % 600)).await;
+        unsafe { kill(child.id() as i32, 9) };
+        let _ = child.wait();
+    }
+    let status = drain(true).status().unwrap();
+    assert!(status.success());
+    let ob = outbox(dir.path());
+    assert_eq!(ob.lock().unwrap().stats().unwrap().depth, 0);
+    let dups = assert_all_arrived(&b, "sigkill", &ids);
+    eprintln!(
+        "sigkill: 20 kills during a 30000-event drain, every event arrived, {dups} arrived twice"
+    );
+}
+
+/// 6. The first release's outbox file opens and drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_release_outbox_drains() {
+    let b = Broker::start().await;
+    b.create_topic("legacy", 3);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/outbox_v1.sqlite"
+        ),
+        dir.path().join("outbox.sqlite"),
+    )
+    .unwrap();
+    let ob = outbox(dir.path());
+    let ids: HashSet<String> = ob
+        .lock()
+        .unwrap()
+        .next_batch(100, &HashSet::new(), None)
+        .unwrap()
+        .into_iter()
+        .map(|p| p.event_id)
+        .collect();
+    assert_eq!(ids.len(), 25);
+    let run = spawn_uplink(ob.clone(), config(&b, "legacy"));
+    run.wait_empty(&ob, Duration::from_secs(30)).await;
+    run.stop().await;
+    assert_all_arrived(&b, "legacy", &ids);
+}
+
+/// Too-large events are dead-lettered, counted, and never block the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_events_are_dead_lettered_and_the_rest_flows() {
+    let b = Broker::start().await;
+    b.create_topic("big", 3);
+    let dir = tempfile::tempdir().unwrap();
+    let ob = outbox(dir.path());
+    let mut ids = HashSet::new();
+    enqueue(&ob, 100, &mut ids);
+    let mut huge = event(1);
+    huge.detections = (0..20_000)
+        .map(|i| Object {
+            label: format!("thing-{i}"),
+            class_id: 1,
+            confidence: 0.9,
+            bbox: [0.0, 0.0, 1.0, 1.0],
+        })
+        .collect();
+    ob.lock().unwrap().enqueue(&mut [huge]).unwrap();
+    enqueue(&ob, 100, &mut ids);
+    let mut cfg = config(&b, "big");
+    cfg.message_max_bytes = 100_000;
+    let run = spawn_uplink(ob.clone(), cfg);
+    run.wait_empty(&ob, Duration::from_secs(30)).await;
+    let st = run.stop().await;
+    assert_eq!(st.dead_lettered, 1);
+    assert_eq!(ob.lock().unwrap().stats().unwrap().dead_letters, 1);
+    assert_all_arrived(&b, "big", &ids);
+}
+
+/// Request errors injected by librdkafka's MockCluster: the uplink retries until the broker
+/// takes everything; nothing is lost or dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_errors_are_retried_until_delivered() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::RDKafkaRespErr;
+    let mock = MockCluster::new(1).expect("mock cluster");
+    mock.create_topic("mocked", 3, 1).expect("topic");
+    let errs = vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 12];
+    mock.request_errors(rdkafka::types::RDKafkaApiKey::Produce, &errs);
+    let dir = tempfile::tempdir().unwrap();
+    let ob = outbox(dir.path());
+    let mut ids = HashSet::new();
+    enqueue(&ob, 2_000, &mut ids);
+    let mut cfg = UplinkConfig::new(&mock.bootstrap_servers(), "mocked");
+    cfg.message_timeout_ms = 3_000;
+    cfg.librdkafka.insert("retries".into(), "1".into());
+    let run = spawn_uplink(ob.clone(), cfg);
+    run.wait_empty(&ob, Duration::from_secs(60)).await;
+    let st = run.stop().await;
+    assert!(st.delivered >= 2_000, "{st:?}");
+    assert_eq!(st.dead_lettered, 0);
+}
+
+extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
