@@ -47,21 +47,33 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT INTO meta (key, value) VALUES ('next_seq', 1);
 ";
 
-/// Version 1 -> 2: value columns for eviction, dead letters, persistent counters.
+/// Version 1 -> 2: value columns for eviction, dead letters, persistent counters. The table is
+/// rebuilt without v1's UNIQUE index on `event_id`: ids are UUIDv7 made once per event, and
+/// that index cost every insert and delete a b-tree update.
 const MIGRATE_V1_V2: &str = "
-ALTER TABLE events ADD COLUMN class INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE events ADD COLUMN max_conf REAL NOT NULL DEFAULT 0;
-ALTER TABLE events ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
-UPDATE events SET
-    class = CASE
+CREATE TABLE events_v2 (
+    seq        INTEGER PRIMARY KEY,
+    event_id   TEXT    NOT NULL,
+    device_id  TEXT    NOT NULL,
+    payload    BLOB    NOT NULL,
+    created_at INTEGER NOT NULL,
+    class      INTEGER NOT NULL,
+    max_conf   REAL    NOT NULL,
+    bytes      INTEGER NOT NULL
+);
+INSERT INTO events_v2 (seq, event_id, device_id, payload, created_at, class, max_conf, bytes)
+SELECT seq, event_id, device_id, payload, created_at,
+    CASE
         WHEN json_extract(payload, '$.kind') != 'detection' THEN 2
         WHEN json_array_length(payload, '$.detections') > 0 THEN 1
         ELSE 0 END,
-    max_conf = coalesce((SELECT max(json_extract(value, '$.confidence'))
-                         FROM json_each(payload, '$.detections')), 0),
-    bytes = length(payload);
+    coalesce((SELECT max(json_extract(value, '$.confidence'))
+              FROM json_each(payload, '$.detections')), 0),
+    length(payload)
+FROM events;
+DROP TABLE events;
+ALTER TABLE events_v2 RENAME TO events;
 CREATE INDEX events_value ON events (class, max_conf, seq);
-CREATE INDEX events_created ON events (created_at);
 CREATE TABLE dead_letters (
     seq      INTEGER PRIMARY KEY,
     event_id TEXT    NOT NULL,
@@ -82,10 +94,12 @@ const BUMP_COUNTER: &str = "UPDATE meta SET value = value + ?2 WHERE key = ?1";
 const READ_COUNTER: &str = "SELECT value FROM meta WHERE key = ?1";
 const EVICTION_ORDER: &str = "SELECT seq, class FROM events ORDER BY class, max_conf, seq LIMIT ?1";
 const DELETE_EVENT: &str = "DELETE FROM events WHERE seq = ?1";
+const DELETE_RANGE: &str = "DELETE FROM events WHERE seq >= ?1 AND seq <= ?2";
 const SELECT_OLDEST: &str =
     "SELECT seq, event_id, device_id, payload FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2";
 const SELECT_NEWEST_SINCE: &str =
     "SELECT seq, event_id, device_id, payload FROM events WHERE created_at >= ?1 ORDER BY seq LIMIT ?2";
+const SELECT_BY_SEQ: &str = "SELECT seq, event_id, device_id, payload FROM events WHERE seq = ?1";
 const DEAD_LETTER: &str = "INSERT OR REPLACE INTO dead_letters (seq, event_id, payload, reason, at)
      SELECT seq, event_id, payload, ?2, ?3 FROM events WHERE seq = ?1";
 const STATS: &str = "SELECT count(*), coalesce(sum(bytes), 0), min(created_at) FROM events";
@@ -251,6 +265,16 @@ impl Outbox {
             Durability::Normal => "NORMAL",
         };
         conn.pragma_update(None, "synchronous", sync).map_err(sq)?;
+        // Reads of a big backlog come from memory-mapped pages and an 8 MiB cache instead of
+        // one pread per page.
+        conn.pragma_update(None, "cache_size", -8192).map_err(sq)?;
+        let _: i64 = conn
+            .query_row(
+                &format!("PRAGMA mmap_size = {}", cfg.max_bytes.min(256 << 20)),
+                [],
+                |r| r.get(0),
+            )
+            .map_err(sq)?;
         let page_size: u64 = conn
             .query_row("PRAGMA page_size", [], |r| r.get::<_, i64>(0))
             .map_err(sq)? as u64;
@@ -436,12 +460,7 @@ impl Outbox {
     fn make_room(&mut self, incoming: u64) -> Result<Evictions, EnqueueError> {
         let mut total = Evictions::default();
         if let Some(age) = self.cfg.max_age {
-            let cutoff = now_ms() - age.as_millis() as i64;
-            let n = self.conn.execute(
-                "DELETE FROM events WHERE created_at < ?1 AND class != 2",
-                params![cutoff],
-            )?;
-            total.expired += n as u64;
+            total.expired += self.expire(now_ms() - age.as_millis() as i64)?;
         }
         // Pages the batch needs (rows + index entries), with slack.
         let needed = (incoming * 2).div_ceil(self.page_size) + 8;
@@ -468,6 +487,34 @@ impl Outbox {
             tracing::warn!(?total, "outbox at its cap: evicted events by value");
         }
         Ok(total)
+    }
+
+    /// Drops events (not health events) created before `cutoff_ms`. `created_at` grows with
+    /// `seq`, so the scan walks from the oldest row and stops at the first young one; no
+    /// index on `created_at` is needed (it would cost every insert and delete).
+    fn expire(&mut self, cutoff_ms: i64) -> rusqlite::Result<u64> {
+        let tx = self.conn.transaction()?;
+        let mut n = 0u64;
+        {
+            let mut scan = tx.prepare_cached(
+                "SELECT seq, created_at, class FROM events ORDER BY seq LIMIT 1000",
+            )?;
+            let mut del = tx.prepare_cached(DELETE_EVENT)?;
+            let rows: Vec<(i64, i64, i64)> = scan
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            for (seq, created, class) in rows {
+                if created >= cutoff_ms {
+                    break;
+                }
+                if class != 2 {
+                    del.execute(params![seq])?;
+                    n += 1;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(n)
     }
 
     /// Deletes the `n` lowest-value events; returns counts by reason.
@@ -502,7 +549,7 @@ impl Outbox {
         in_flight: &HashSet<u64>,
         live_since_ms: Option<i64>,
     ) -> rusqlite::Result<Vec<Pending>> {
-        let mut out = Vec::with_capacity(limit);
+        let mut out = Vec::with_capacity(limit.min(65_536));
         let mut seen = HashSet::new();
         let scan = (limit + in_flight.len()) as i64;
         let map = |r: &rusqlite::Row| {
@@ -544,14 +591,71 @@ impl Outbox {
         Ok(out)
     }
 
-    /// Deletes delivered rows (one transaction).
+    /// Up to `limit` rows with `seq > after`, oldest first (the uplink's backlog cursor).
+    pub fn rows_after(&self, after: u64, limit: usize) -> rusqlite::Result<Vec<Pending>> {
+        let mut stmt = self.conn.prepare_cached(SELECT_OLDEST)?;
+        let rows = stmt.query_map(params![after as i64, limit as i64], pending_row)?;
+        rows.collect()
+    }
+
+    /// Highest seq queued (0 when empty).
+    pub fn max_seq(&self) -> rusqlite::Result<u64> {
+        self.conn
+            .query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|v| v as u64)
+    }
+
+    /// The rows with these seqs that still exist.
+    pub fn rows_by_seq(&self, seqs: &[u64]) -> rusqlite::Result<Vec<Pending>> {
+        let mut stmt = self.conn.prepare_cached(SELECT_BY_SEQ)?;
+        let mut out = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            if let Some(p) = stmt.query_row(params![*s as i64], pending_row).optional()? {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Number of queued events.
+    pub fn depth(&self) -> rusqlite::Result<u64> {
+        Ok(self.stats_counts()?.0)
+    }
+
+    /// Deletes delivered rows (one transaction). This commit is not fsynced even under
+    /// [`Durability::Full`]: losing an acknowledgement to a power cut only re-sends those
+    /// events (the sink dedupes on `event_id`); it can never lose one.
     pub fn ack(&mut self, seqs: &[u64]) -> rusqlite::Result<usize> {
+        let relax = self.cfg.durability == Durability::Full;
+        if relax {
+            self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        }
+        let n = self.delete_seqs(seqs);
+        if relax {
+            self.conn.pragma_update(None, "synchronous", "FULL")?;
+        }
+        n
+    }
+
+    fn delete_seqs(&mut self, seqs: &[u64]) -> rusqlite::Result<usize> {
+        // Deliveries come back mostly in order: delete contiguous runs with one statement.
+        let mut sorted = seqs.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
         let tx = self.conn.transaction()?;
         let mut n = 0;
         {
-            let mut del = tx.prepare_cached(DELETE_EVENT)?;
-            for s in seqs {
-                n += del.execute(params![*s as i64])?;
+            let mut del = tx.prepare_cached(DELETE_RANGE)?;
+            let mut i = 0;
+            while i < sorted.len() {
+                let mut j = i;
+                while j + 1 < sorted.len() && sorted[j + 1] == sorted[j] + 1 {
+                    j += 1;
+                }
+                n += del.execute(params![sorted[i] as i64, sorted[j] as i64])?;
+                i = j + 1;
             }
         }
         tx.commit()?;
@@ -622,6 +726,15 @@ impl Outbox {
         self.conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
     }
+}
+
+fn pending_row(r: &rusqlite::Row) -> rusqlite::Result<Pending> {
+    Ok(Pending {
+        seq: r.get::<_, i64>(0)? as u64,
+        event_id: r.get(1)?,
+        device_id: r.get(2)?,
+        payload: r.get(3)?,
+    })
 }
 
 enum MigrateError {

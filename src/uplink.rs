@@ -20,18 +20,18 @@
 //! on the slowest backoff with an error in the log; a fatal idempotent-producer error rebuilds
 //! the producer.
 
-use std::collections::{BTreeMap, HashSet};
-use std::future::Future;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::util::Timeout;
-use tokio::sync::watch;
+use rdkafka::ClientContext;
+use tokio::sync::{mpsc, watch};
 
 use crate::outbox::{Outbox, Pending};
 
@@ -205,6 +205,7 @@ pub fn client_config(cfg: &UplinkConfig) -> Result<ClientConfig, UplinkError> {
 }
 
 /// How one delivery ended.
+#[derive(Debug)]
 enum Outcome {
     Delivered,
     /// Not delivered now; the row stays and goes again later.
@@ -225,6 +226,108 @@ fn classify(e: &KafkaError) -> Outcome {
             | RDKafkaErrorCode::Authentication,
         ) => Outcome::Unauthorized(e.to_string()),
         _ => Outcome::Retry(e.to_string()),
+    }
+}
+
+/// librdkafka calls `delivery` (on the producer's polling thread) for every message; the
+/// outcome and the row's seq go to the drain loop over a channel.
+struct Reports {
+    tx: mpsc::UnboundedSender<(u64, Outcome)>,
+}
+
+impl ClientContext for Reports {}
+
+impl ProducerContext for Reports {
+    type DeliveryOpaque = Box<u64>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, seq: Self::DeliveryOpaque) {
+        let outcome = match result {
+            Ok(_) => Outcome::Delivered,
+            Err((e, _)) => classify(e),
+        };
+        let _ = self.tx.send((*seq, outcome));
+    }
+}
+
+type Kafka = ThreadedProducer<Reports>;
+
+fn producer(
+    cfg: &UplinkConfig,
+    tx: &mpsc::UnboundedSender<(u64, Outcome)>,
+) -> Result<Kafka, UplinkError> {
+    client_config(cfg)?
+        .create_with_context(Reports { tx: tx.clone() })
+        .map_err(UplinkError::Config)
+}
+
+enum AckJob {
+    Delete(Vec<u64>),
+    Sync(std::sync::mpsc::Sender<()>),
+}
+
+/// The ack thread: deletes delivered rows in batched transactions, off the drain loop.
+struct Acker {
+    jobs: std::sync::mpsc::Sender<AckJob>,
+    /// Rows deleted so far.
+    done: Arc<AtomicU64>,
+    /// The last delete error, for the drain loop to log.
+    error: Arc<Mutex<Option<String>>>,
+}
+
+impl Acker {
+    fn start(outbox: Arc<Mutex<Outbox>>) -> Self {
+        let (jobs, rx) = std::sync::mpsc::channel::<AckJob>();
+        let done = Arc::new(AtomicU64::new(0));
+        let error = Arc::new(Mutex::new(None));
+        let (d, e) = (done.clone(), error.clone());
+        std::thread::Builder::new()
+            .name("outbox-acker".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    let mut seqs = Vec::new();
+                    let mut syncs = Vec::new();
+                    for job in std::iter::once(job).chain(std::iter::from_fn(|| rx.try_recv().ok()))
+                    {
+                        match job {
+                            AckJob::Delete(s) => seqs.extend(s),
+                            AckJob::Sync(reply) => syncs.push(reply),
+                        }
+                    }
+                    if !seqs.is_empty() {
+                        let result = match outbox.lock() {
+                            Ok(mut ob) => ob.ack(&seqs).map_err(|err| err.to_string()),
+                            Err(_) => Err("outbox lock poisoned".to_string()),
+                        };
+                        match result {
+                            Ok(_) => {
+                                d.fetch_add(seqs.len() as u64, Ordering::Relaxed);
+                            }
+                            Err(msg) => {
+                                if let Ok(mut slot) = e.lock() {
+                                    *slot = Some(msg);
+                                }
+                            }
+                        }
+                    }
+                    for reply in syncs {
+                        let _ = reply.send(());
+                    }
+                }
+            })
+            .map(|_| ())
+            .unwrap_or_else(|err| tracing::error!(%err, "cannot start the ack thread"));
+        Self { jobs, done, error }
+    }
+
+    fn delete(&self, seqs: Vec<u64>) {
+        let _ = self.jobs.send(AckJob::Delete(seqs));
+    }
+
+    fn sync(&self) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.jobs.send(AckJob::Sync(tx)).is_ok() {
+            let _ = rx.recv();
+        }
     }
 }
 
@@ -250,30 +353,41 @@ impl Bucket {
     }
 }
 
-type Delivery = std::pin::Pin<Box<dyn Future<Output = (u64, Outcome)> + Send>>;
-
 /// The drain loop's state and the things each state function works on.
 struct Uplink {
     /// The queue we drain.
     outbox: Arc<Mutex<Outbox>>,
     cfg: UplinkConfig,
-    /// Rebuilt after a fatal producer error.
-    producer: FutureProducer,
-    /// Rows sent and not yet resolved (never read again while here).
+    /// Rebuilt after a fatal or wedged producer.
+    producer: Kafka,
+    /// Delivery reports from the producer's context.
+    reports_tx: mpsc::UnboundedSender<(u64, Outcome)>,
+    reports: mpsc::UnboundedReceiver<(u64, Outcome)>,
+    /// Rows handed to librdkafka and not yet reported on.
     in_flight: HashSet<u64>,
-    /// Their delivery futures.
-    deliveries: FuturesUnordered<Delivery>,
-    /// Delivered rows waiting for the next batched delete.
+    /// Every row with a seq at or below this was sent once (oldest-first cursor).
+    backlog_cursor: u64,
+    /// Same for the live (newest-first) pass.
+    live_cursor: u64,
+    /// Rows whose delivery failed, to send again first.
+    retry: BTreeSet<u64>,
+    /// Rows the live pass sent ahead of the backlog cursor (the backlog pass skips them).
+    live_sent: BTreeSet<u64>,
+    /// (when, highest queued seq then): tells live rows from backlog without an index on
+    /// creation time.
+    seq_samples: std::collections::VecDeque<(Instant, u64)>,
+    /// Delivered rows waiting to be handed to the ack thread.
     to_ack: Vec<u64>,
+    /// Deletes acknowledged rows on its own thread (overlaps SQLite work with sending).
+    acker: Acker,
     /// Failures since the last success (drives Offline).
     failures: u32,
     /// The last failure indicated bad credentials or ACLs.
     unauthorized: bool,
     /// Offline backoff, doubled per failed probe.
     backoff: Duration,
-    /// Probes that failed in a row; after a few the producer is rebuilt (an idempotent
-    /// producer whose messages timed out can stay wedged on brokers without epoch bumps).
-    failed_probes: u32,
+    /// Outbox depth and when it was read (COUNT(*) is not free on a big backlog).
+    depth: (u64, Instant),
     bucket: Option<Bucket>,
     status: watch::Sender<UplinkStatus>,
 }
@@ -291,63 +405,125 @@ impl Uplink {
         }
     }
 
-    /// Sends up to `window` more rows. Returns false when the producer queue is full.
+    /// Sends up to `window - in_flight` more rows: retries first, then (live-first) rows
+    /// younger than the live window, then the backlog, oldest first. Each pass keeps its own
+    /// cursor and moves it only past rows it handed over (or found already in flight or
+    /// waiting for a retry), so every row is sent, and normally sent once.
     fn fill(&mut self, window: usize) -> Result<(), UplinkError> {
-        let room = window.saturating_sub(self.in_flight.len());
+        let mut room = window.saturating_sub(self.in_flight.len());
         if room == 0 {
             return Ok(());
         }
-        let live = self
-            .cfg
-            .live_first
-            .then(|| chrono::Utc::now().timestamp_millis() - self.cfg.live_window_ms as i64);
-        let batch = self.outbox()?.next_batch(room, &self.in_flight, live)?;
-        for p in batch {
-            if let Some(b) = &mut self.bucket {
-                if !b.take(p.payload.len() as u64) {
-                    break;
+        if !self.retry.is_empty() {
+            let seqs: Vec<u64> = self.retry.iter().take(room).copied().collect();
+            for s in &seqs {
+                self.retry.remove(s);
+            }
+            let rows = self.outbox()?.rows_by_seq(&seqs)?;
+            let mut rows = rows.into_iter();
+            while let Some(p) = rows.next() {
+                if !self.try_send(&p)? {
+                    self.retry.insert(p.seq);
+                    self.retry.extend(rows.map(|r| r.seq));
+                    return Ok(());
                 }
+                room = room.saturating_sub(1);
             }
-            if !self.send(p)? {
-                break;
+        }
+        if room > 0 && self.cfg.live_first {
+            let after = self
+                .live_cursor
+                .max(self.backlog_cursor)
+                .max(self.live_boundary()?);
+            let rows = self.outbox()?.rows_after(after, room)?;
+            for p in rows {
+                if !self.try_send(&p)? {
+                    return Ok(());
+                }
+                self.live_cursor = p.seq;
+                self.live_sent.insert(p.seq);
+                room = room.saturating_sub(1);
             }
+        }
+        if room > 0 {
+            let rows = self.outbox()?.rows_after(self.backlog_cursor, room)?;
+            for p in rows {
+                // Rows the live pass already sent stay visible until their delete commits.
+                let skip = self.live_sent.remove(&p.seq)
+                    || self.in_flight.contains(&p.seq)
+                    || self.retry.contains(&p.seq);
+                if !skip && !self.try_send(&p)? {
+                    return Ok(());
+                }
+                self.backlog_cursor = p.seq;
+            }
+            let cursor = self.backlog_cursor;
+            self.live_sent.retain(|&s| s > cursor);
         }
         Ok(())
     }
 
-    /// Hands one row to librdkafka. Returns false on `QueueFull` (backpressure).
-    fn send(&mut self, p: Pending) -> Result<bool, UplinkError> {
-        let record = FutureRecord::to(&self.cfg.topic)
+    /// The seq below which rows count as backlog: the highest seq that was queued
+    /// `live_window` ago (sampled every 250 ms; `seq` grows with enqueue time).
+    fn live_boundary(&mut self) -> Result<u64, UplinkError> {
+        let now = Instant::now();
+        if self
+            .seq_samples
+            .back()
+            .is_none_or(|(t, _)| now.duration_since(*t) >= Duration::from_millis(250))
+        {
+            let max = self.outbox()?.max_seq()?;
+            self.seq_samples.push_back((now, max));
+        }
+        let window = Duration::from_millis(self.cfg.live_window_ms);
+        while self.seq_samples.len() > 1 && now.duration_since(self.seq_samples[1].0) >= window {
+            self.seq_samples.pop_front();
+        }
+        Ok(self
+            .seq_samples
+            .front()
+            .map(|(t, s)| {
+                if now.duration_since(*t) >= window {
+                    *s
+                } else {
+                    0
+                }
+            })
+            .unwrap_or(0))
+    }
+
+    /// Hands one row to librdkafka unless the bandwidth cap or a full queue says wait
+    /// (returns false: backpressure). A row that cannot be sent now goes to the retry set;
+    /// one that can never be sent is dead-lettered.
+    fn try_send(&mut self, p: &Pending) -> Result<bool, UplinkError> {
+        if let Some(b) = &mut self.bucket {
+            if !b.take(p.payload.len() as u64) {
+                return Ok(false);
+            }
+        }
+        let record = BaseRecord::with_opaque_to(&self.cfg.topic, Box::new(p.seq))
             .key(p.device_id.as_bytes())
             .payload(&p.payload);
-        match self.producer.send_result(record) {
-            Ok(fut) => {
-                let seq = p.seq;
-                self.in_flight.insert(seq);
-                self.deliveries.push(Box::pin(async move {
-                    let outcome = match fut.await {
-                        Ok(Ok(_)) => Outcome::Delivered,
-                        Ok(Err((e, _))) => classify(&e),
-                        Err(_) => Outcome::Retry("producer dropped the message".into()),
-                    };
-                    (seq, outcome)
-                }));
+        match self.producer.send(record) {
+            Ok(()) => {
+                self.in_flight.insert(p.seq);
                 Ok(true)
             }
-            Err((e, _)) => match e.rdkafka_error_code() {
-                Some(RDKafkaErrorCode::QueueFull) => Ok(false),
-                _ => {
-                    match classify(&e) {
-                        Outcome::Fatal(reason) => {
-                            tracing::warn!(seq = p.seq, event_id = %p.event_id, reason, "dead-lettering event");
-                            self.outbox()?.dead_letter(p.seq, reason)?;
-                            self.status.send_modify(|s| s.dead_lettered += 1);
-                        }
-                        other => self.fail(other),
+            Err((e, _)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => Ok(false),
+            Err((e, _)) => {
+                match classify(&e) {
+                    Outcome::Fatal(reason) => {
+                        tracing::warn!(seq = p.seq, event_id = %p.event_id, reason, "dead-lettering event");
+                        self.outbox()?.dead_letter(p.seq, reason)?;
+                        self.status.send_modify(|s| s.dead_lettered += 1);
                     }
-                    Ok(true)
+                    other => {
+                        self.retry.insert(p.seq);
+                        self.fail(other);
+                    }
                 }
-            },
+                Ok(true)
+            }
         }
     }
 
@@ -363,7 +539,9 @@ impl Uplink {
     }
 
     fn resolve(&mut self, seq: u64, outcome: Outcome) -> Result<(), UplinkError> {
-        self.in_flight.remove(&seq);
+        if !self.in_flight.remove(&seq) {
+            return Ok(()); // a report from a producer we already replaced
+        }
         match outcome {
             Outcome::Delivered => {
                 self.to_ack.push(seq);
@@ -375,40 +553,71 @@ impl Uplink {
                 self.outbox()?.dead_letter(seq, reason)?;
                 self.status.send_modify(|s| s.dead_lettered += 1);
             }
-            other => self.fail(other),
+            other => {
+                self.retry.insert(seq);
+                self.fail(other);
+            }
         }
         Ok(())
     }
 
+    /// Hands delivered rows to the ack thread and publishes what it has deleted so far.
     fn flush_acks(&mut self) -> Result<(), UplinkError> {
-        if self.to_ack.is_empty() {
-            return Ok(());
+        if !self.to_ack.is_empty() {
+            let acks = std::mem::take(&mut self.to_ack);
+            self.acker.delete(acks);
         }
-        let acks = std::mem::take(&mut self.to_ack);
-        let depth = {
-            let mut ob = self.outbox()?;
-            ob.ack(&acks)?;
-            ob.stats()?.depth
-        };
-        let n = acks.len() as u64;
-        self.status.send_modify(|s| {
-            s.delivered += n;
-            s.last_delivery_ms = Some(chrono::Utc::now().timestamp_millis());
-            s.outbox_depth = depth;
-        });
+        self.publish_acked();
         Ok(())
     }
 
-    /// Waits for one delivery (or a short tick), then resolves every delivery that is ready.
-    async fn pump(&mut self) -> Result<(), UplinkError> {
-        if self.deliveries.is_empty() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        } else if let Ok(Some((seq, o))) =
-            tokio::time::timeout(Duration::from_millis(50), self.deliveries.next()).await
+    fn publish_acked(&mut self) {
+        let done = self.acker.done.load(Ordering::Relaxed);
+        let before = self.status.borrow().delivered;
+        if done > before {
+            self.depth.0 = self.depth.0.saturating_sub(done - before);
+            let depth = self.depth.0;
+            self.status.send_modify(|s| {
+                s.delivered = done;
+                s.last_delivery_ms = Some(chrono::Utc::now().timestamp_millis());
+                s.outbox_depth = depth;
+            });
+        }
+    }
+
+    /// Waits until every delete handed to the ack thread has committed.
+    fn sync_acks(&mut self) -> Result<(), UplinkError> {
+        self.flush_acks()?;
+        self.acker.sync();
+        if let Some(e) = self
+            .acker
+            .error
+            .lock()
+            .map_err(|_| UplinkError::Poisoned)?
+            .take()
         {
+            tracing::error!(error = %e, "outbox delete failed; those events will be sent again after a restart");
+        }
+        self.publish_acked();
+        Ok(())
+    }
+
+    /// Waits for a delivery report (or a short tick), resolves every report that is ready,
+    /// and deletes the delivered rows in one transaction.
+    async fn pump(&mut self) -> Result<(), UplinkError> {
+        let first = if self.in_flight.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            None
+        } else {
+            tokio::time::timeout(Duration::from_millis(50), self.reports.recv())
+                .await
+                .ok()
+                .flatten()
+        };
+        if let Some((seq, o)) = first {
             self.resolve(seq, o)?;
         }
-        while let Some(Some((seq, o))) = futures::FutureExt::now_or_never(self.deliveries.next()) {
+        while let Ok((seq, o)) = self.reports.try_recv() {
             self.resolve(seq, o)?;
         }
         self.flush_acks()
@@ -422,7 +631,7 @@ impl Uplink {
         Ok(())
     }
 
-    /// Replaces the producer. Its queued messages are purged; their rows stay in the outbox
+    /// Replaces the producer. Its queued messages are purged; their rows go to the retry set
     /// and are sent again by the new producer.
     fn rebuild(&mut self, why: &str) -> Result<(), UplinkError> {
         tracing::warn!(
@@ -430,40 +639,73 @@ impl Uplink {
             in_flight = self.in_flight.len(),
             "rebuilding the Kafka producer"
         );
-        let fresh: FutureProducer = client_config(&self.cfg)?
-            .create()
-            .map_err(UplinkError::Config)?;
+        let fresh = producer(&self.cfg, &self.reports_tx)?;
         drop(std::mem::replace(&mut self.producer, fresh));
+        while let Ok((seq, o)) = self.reports.try_recv() {
+            self.resolve(seq, o)?;
+        }
+        let orphans: Vec<u64> = self.in_flight.drain().collect();
+        self.retry.extend(orphans);
+        self.flush_acks()?;
         self.status.send_modify(|s| s.producer_rebuilds += 1);
         Ok(())
     }
 
-    fn depth(&self) -> Result<u64, UplinkError> {
-        Ok(self.outbox()?.stats()?.depth)
+    /// Outbox depth, re-counted at most every second.
+    fn depth(&mut self) -> Result<u64, UplinkError> {
+        if self.depth.1.elapsed() > Duration::from_secs(1) {
+            let d = self.outbox()?.depth()?;
+            self.depth = (d, Instant::now());
+        }
+        Ok(self.depth.0)
+    }
+
+    /// Exact depth (for the exit-when-empty check).
+    fn depth_now(&mut self) -> Result<u64, UplinkError> {
+        let d = self.outbox()?.depth()?;
+        self.depth = (d, Instant::now());
+        Ok(d)
+    }
+
+    fn next_drain_state(&mut self) -> Result<State, UplinkError> {
+        let s = if self.depth()? >= self.cfg.backlog_threshold {
+            State::Backlogged
+        } else {
+            State::Online
+        };
+        self.set_state(s);
+        Ok(s)
+    }
+
+    fn window(&self, s: State) -> usize {
+        if s == State::Backlogged {
+            self.cfg.max_in_flight
+        } else {
+            self.cfg.max_in_flight.min(1000)
+        }
     }
 
     /// `Online` and `Backlogged`: keep the window full, resolve deliveries.
-    async fn draining(&mut self, stop: &mut watch::Receiver<bool>) -> Result<State, UplinkError> {
+    async fn draining(
+        &mut self,
+        stop: &mut watch::Receiver<bool>,
+        exit_when_empty: bool,
+    ) -> Result<State, UplinkError> {
         loop {
             if *stop.borrow() {
                 return Ok(State::ShuttingDown);
             }
-            let depth = self.depth()?;
-            let state = if depth >= self.cfg.backlog_threshold {
-                State::Backlogged
-            } else {
-                State::Online
-            };
-            self.set_state(state);
-            let window = if state == State::Backlogged {
-                self.cfg.max_in_flight
-            } else {
-                self.cfg.max_in_flight.min(1000)
-            };
-            self.fill(window)?;
+            let state = self.next_drain_state()?;
+            self.fill(self.window(state))?;
             self.pump().await?;
             if self.failures > 0 {
                 return Ok(State::Offline);
+            }
+            if exit_when_empty && self.in_flight.is_empty() && self.retry.is_empty() {
+                self.sync_acks()?;
+                if self.depth_now()? == 0 {
+                    return Ok(State::ShuttingDown);
+                }
             }
         }
     }
@@ -478,21 +720,23 @@ impl Uplink {
             self.cfg.max_backoff_ms
         });
         let deadline = Instant::now() + self.backoff;
-        while Instant::now() < deadline || !self.deliveries.is_empty() {
+        while Instant::now() < deadline || !self.in_flight.is_empty() {
             if *stop.borrow() {
                 return Ok(State::ShuttingDown);
             }
+            let before = self.status.borrow().delivered;
             self.pump().await?;
-            if self.failures == 0 && self.deliveries.is_empty() {
-                // A straggler delivery succeeded: the link is back.
-                break;
+            if self.status.borrow().delivered > before && self.in_flight.is_empty() {
+                // Stragglers got through: the link is back.
+                self.failures = 0;
+                return Ok(State::Online);
             }
         }
         self.backoff = (self.backoff * 2).min(max);
         // Probe.
         self.failures = 0;
         self.fill(10)?;
-        while !self.deliveries.is_empty() {
+        while !self.in_flight.is_empty() {
             if *stop.borrow() {
                 return Ok(State::ShuttingDown);
             }
@@ -500,14 +744,11 @@ impl Uplink {
         }
         if self.failures == 0 {
             self.backoff = Duration::from_millis(250);
-            self.failed_probes = 0;
             Ok(State::Online)
         } else {
-            self.failed_probes += 1;
-            if self.failed_probes >= 1 {
-                self.rebuild("probes keep failing")?;
-                self.failed_probes = 0;
-            }
+            // An idempotent producer whose messages timed out can stay wedged on brokers
+            // without epoch bumps: start a fresh one for the next probe.
+            self.rebuild("probe failed")?;
             Ok(State::Offline)
         }
     }
@@ -516,12 +757,16 @@ impl Uplink {
     async fn shutting_down(&mut self) -> Result<(), UplinkError> {
         self.set_state(State::ShuttingDown);
         let deadline = Instant::now() + Duration::from_millis(self.cfg.shutdown_deadline_ms);
-        while !self.deliveries.is_empty() && Instant::now() < deadline {
+        while !self.in_flight.is_empty() && Instant::now() < deadline {
             self.pump().await?;
         }
         self.flush_acks()?;
         let left = Duration::from_millis(self.cfg.shutdown_deadline_ms / 10);
         let _ = self.producer.flush(Timeout::After(left));
+        while let Ok((seq, o)) = self.reports.try_recv() {
+            self.resolve(seq, o)?;
+        }
+        self.sync_acks()?;
         if !self.in_flight.is_empty() {
             tracing::warn!(
                 unacknowledged = self.in_flight.len(),
@@ -540,56 +785,40 @@ pub async fn run(
     status: watch::Sender<UplinkStatus>,
     exit_when_empty: bool,
 ) -> Result<(), UplinkError> {
-    let producer: FutureProducer = client_config(&cfg)?.create().map_err(UplinkError::Config)?;
+    let (reports_tx, reports) = mpsc::unbounded_channel();
+    let producer = producer(&cfg, &reports_tx)?;
     let bucket = cfg.max_bytes_per_sec.map(|r| Bucket {
         rate: r as f64,
         tokens: r as f64,
         last: Instant::now(),
     });
+    let depth = outbox.lock().map_err(|_| UplinkError::Poisoned)?.depth()?;
+    let outbox_for_acks = outbox.clone();
     let mut up = Uplink {
         outbox,
         cfg,
         producer,
+        reports_tx,
+        reports,
         in_flight: HashSet::new(),
-        deliveries: FuturesUnordered::new(),
+        backlog_cursor: 0,
+        live_cursor: 0,
+        retry: BTreeSet::new(),
+        live_sent: BTreeSet::new(),
+        seq_samples: std::collections::VecDeque::new(),
         to_ack: Vec::new(),
+        acker: Acker::start(outbox_for_acks),
         failures: 0,
         unauthorized: false,
         backoff: Duration::from_millis(250),
-        failed_probes: 0,
+        depth: (depth, Instant::now()),
         bucket,
         status,
     };
     let mut state = State::Online;
     loop {
-        if exit_when_empty && up.in_flight.is_empty() && up.depth()? == 0 {
-            up.shutting_down().await?;
-            return Ok(());
-        }
         state = match state {
-            State::Online | State::Backlogged => {
-                if exit_when_empty {
-                    // One round at a time so emptiness is noticed.
-                    up.fill(up.cfg.max_in_flight)?;
-                    up.pump().await?;
-                    if *stop.borrow() {
-                        State::ShuttingDown
-                    } else if up.failures > 0 {
-                        State::Offline
-                    } else {
-                        let d = up.depth()?;
-                        let s = if d >= up.cfg.backlog_threshold {
-                            State::Backlogged
-                        } else {
-                            State::Online
-                        };
-                        up.set_state(s);
-                        s
-                    }
-                } else {
-                    up.draining(&mut stop).await?
-                }
-            }
+            State::Online | State::Backlogged => up.draining(&mut stop, exit_when_empty).await?,
             State::Offline => up.offline(&mut stop).await?,
             State::ShuttingDown => {
                 up.shutting_down().await?;

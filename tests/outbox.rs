@@ -93,8 +93,10 @@ fn the_cap_holds_and_evicts_by_value() {
     // Events without detections go first: the survivors are the valuable ones.
     let with = rows.iter().filter(|r| r.1 == 1).count() as f64;
     let without = rows.iter().filter(|r| r.1 == 0).count() as f64;
+    // Every eviction round removes all events without detections before touching the rest, so
+    // only those of the last few batches (50 per batch) survive.
     assert!(
-        with / (with + without) > 0.9,
+        without <= 150.0 && with / (with + without) > 0.8,
         "survivors with detections: {with}, without: {without}"
     );
     assert!(

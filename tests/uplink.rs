@@ -14,7 +14,7 @@ use edge_vision::uplink::{self, State, UplinkConfig, UplinkStatus};
 use tokio::sync::watch;
 
 fn event(i: u64) -> Event {
-    let detections = if i % 3 == 0 {
+    let detections = if i.is_multiple_of(3) {
         Vec::new()
     } else {
         vec![Object {

@@ -145,6 +145,16 @@ enum OutboxCommand {
         #[arg(long, default_value_t = 512 * 1024 * 1024)]
         max_bytes: u64,
     },
+    /// Benchmark baseline: send every payload of an outbox with a bare rdkafka producer (same
+    /// client settings, no outbox bookkeeping, nothing deleted) and time it.
+    RawSend {
+        #[arg(long)]
+        outbox: PathBuf,
+        #[arg(long)]
+        brokers: String,
+        #[arg(long)]
+        topic: String,
+    },
     /// Print the outbox's depth, size and counters (reads the file; the agent need not run).
     Status {
         #[arg(long)]
@@ -481,6 +491,45 @@ fn outbox_command(command: OutboxCommand) -> Result<u8, Fail> {
                     "producer_rebuilds": st.producer_rebuilds,
                     "outbox_depth": st.outbox_depth,
                 })
+            );
+            Ok(0)
+        }
+        OutboxCommand::RawSend {
+            outbox,
+            brokers,
+            topic,
+        } => {
+            use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+            let ob = open_outbox(&outbox, u64::MAX / 4, Durability::Full, "raw-send")?;
+            let rows = ob.next_batch(1 << 40, &std::collections::HashSet::new(), None)?;
+            let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+                uplink::client_config(&UplinkConfig::new(&brokers, &topic))?.create()?;
+            let start = Instant::now();
+            for r in &rows {
+                let mut rec = BaseRecord::to(&topic)
+                    .key(r.device_id.as_bytes())
+                    .payload(&r.payload);
+                loop {
+                    match producer.send(rec) {
+                        Ok(()) => break,
+                        Err((e, back))
+                            if e.rdkafka_error_code()
+                                == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) =>
+                        {
+                            rec = back;
+                            std::thread::sleep(std::time::Duration::from_millis(1));
+                        }
+                        Err((e, _)) => return Err(Fail(1, e.into())),
+                    }
+                }
+            }
+            producer.flush(rdkafka::util::Timeout::After(
+                std::time::Duration::from_secs(300),
+            ))?;
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "{}",
+                serde_json::json!({"sent": rows.len(), "seconds": (secs * 1000.0).round() / 1000.0, "msgs_per_sec": (rows.len() as f64 / secs).round()})
             );
             Ok(0)
         }

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Store-and-forward benchmarks, one run, local tansu broker on loopback:
+#   - enqueue rate with group commit (fsync per batch) and bytes written to disk per event
+#   - drain rate of `edge-agent outbox drain` vs a bare rdkafka producer sending the same
+#     payloads to the same broker (ratio)
+#   - time to drain a 864,000-event backlog (24 h at 10 events/s)
+#
+#   bash scripts/bench-uplink.sh [EVENTS]     (default 864000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N="${1:-864000}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/edge-vision/target}"
+cargo build --release --quiet --bin edge-agent
+BIN="$CARGO_TARGET_DIR/release/edge-agent"
+bash scripts/broker.sh install >/dev/null
+PORT=$((20000 + RANDOM % 20000))
+bash scripts/broker.sh start "$PORT" >/dev/null
+trap 'bash scripts/broker.sh stop "$PORT"; rm -rf "$T"' EXIT
+T="$(mktemp -d)"
+bash scripts/broker.sh topic bench-agent "$PORT" 3 >/dev/null
+bash scripts/broker.sh topic bench-raw "$PORT" 3 >/dev/null
+
+echo "enqueue ($N events, batches of 100 and 1000, durability full):" >&2
+"$BIN" outbox fill --outbox "$T/b100.sqlite" --count 100000 --batch 100 --json >"$T/fill100"
+"$BIN" outbox fill --outbox "$T/outbox.sqlite" --count "$N" --batch 1000 --json >"$T/fill"
+cp "$T/outbox.sqlite" "$T/raw.sqlite"
+echo "drain with edge-agent:" >&2
+"$BIN" outbox drain --outbox "$T/outbox.sqlite" --brokers "127.0.0.1:$PORT" --topic bench-agent --exit-when-empty --fifo >"$T/drain"
+echo "bare rdkafka producer, same payloads:" >&2
+"$BIN" outbox raw-send --outbox "$T/raw.sqlite" --brokers "127.0.0.1:$PORT" --topic bench-raw >"$T/raw"
+python3 - "$T" "$N" <<'PY'
+import json, os, sys, datetime
+t, n = sys.argv[1], int(sys.argv[2])
+rd = lambda f: json.load(open(os.path.join(t, f)))
+f100, f, d, r = rd("fill100"), rd("fill"), rd("drain"), rd("raw")
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+print(f"Date: {datetime.date.today()}  Machine: {cpu}, {os.cpu_count()} cores  Broker: tansu 0.6.0 (memory storage), loopback\n")
+print("| measure | value |\n|---|---|")
+print(f"| enqueue, batches of 100, fsync per batch | {f100['events_per_sec']:.0f} events/s, {f100['disk_bytes_per_event']:.0f} B written to disk per event |")
+print(f"| enqueue, batches of 1000, fsync per batch | {f['events_per_sec']:.0f} events/s, {f['disk_bytes_per_event']:.0f} B written to disk per event |")
+print(f"| outbox file for {n} events | {f['file_bytes'] / 1e6:.1f} MB |")
+print(f"| drain, edge-agent (ack-then-delete) | {d['delivered']} msgs in {d['seconds']:.1f} s = {d['msgs_per_sec']:.0f} msgs/s |")
+print(f"| same payloads, bare rdkafka producer | {r['sent']} msgs in {r['seconds']:.1f} s = {r['msgs_per_sec']:.0f} msgs/s |")
+print(f"\nRatio edge-agent / bare producer: {d['msgs_per_sec'] / r['msgs_per_sec']:.2f} (bar >= 0.5)")
+print(f"Backlog of {n} events drained in {d['seconds']:.0f} s (goal <= 120 s)")
+PY
