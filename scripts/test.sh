@@ -18,7 +18,6 @@ EDGE_VISION_FIXTURES="$(bash scripts/fetch-fixtures.sh)"
 export EDGE_VISION_FIXTURES
 
 step "Kafka-protocol broker for the test rig (tansu, cached outside the clone)"
-command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake; } || true
 TANSU="$(bash scripts/broker.sh install)"
 export TANSU
 
