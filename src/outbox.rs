@@ -49,7 +49,10 @@ INSERT INTO meta (key, value) VALUES ('next_seq', 1);
 
 /// Version 1 -> 2: value columns for eviction, dead letters, persistent counters. The table is
 /// rebuilt without v1's UNIQUE index on `event_id`: ids are UUIDv7 made once per event, and
-/// that index cost every insert and delete a b-tree update.
+/// that index cost every insert and delete a b-tree update. For the same reason there is no
+/// index on the value columns: eviction is rare (it frees 15% of the cap per round) and
+/// sorts with a bounded heap over one table scan, while every delivered event's delete
+/// would have paid for the index.
 const MIGRATE_V1_V2: &str = "
 CREATE TABLE events_v2 (
     seq        INTEGER PRIMARY KEY,
@@ -73,7 +76,6 @@ SELECT seq, event_id, device_id, payload, created_at,
 FROM events;
 DROP TABLE events;
 ALTER TABLE events_v2 RENAME TO events;
-CREATE INDEX events_value ON events (class, max_conf, seq);
 CREATE TABLE dead_letters (
     seq      INTEGER PRIMARY KEY,
     event_id TEXT    NOT NULL,
@@ -99,6 +101,8 @@ const SELECT_OLDEST: &str =
     "SELECT seq, event_id, device_id, payload FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2";
 const SELECT_NEWEST_SINCE: &str =
     "SELECT seq, event_id, device_id, payload FROM events WHERE created_at >= ?1 ORDER BY seq LIMIT ?2";
+const SELECT_TO_SEND: &str =
+    "SELECT seq, '', device_id, payload FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2";
 const SELECT_BY_SEQ: &str = "SELECT seq, event_id, device_id, payload FROM events WHERE seq = ?1";
 const DEAD_LETTER: &str = "INSERT OR REPLACE INTO dead_letters (seq, event_id, payload, reason, at)
      SELECT seq, event_id, payload, ?2, ?3 FROM events WHERE seq = ?1";
@@ -214,6 +218,9 @@ pub struct Outbox {
     max_pages: u64,
     /// Page size in bytes.
     page_size: u64,
+    /// Rows queued, kept exact by every write of this connection (a COUNT(*) scans the whole
+    /// table once there is no index to count).
+    depth: u64,
 }
 
 fn now_ms() -> i64 {
@@ -298,6 +305,7 @@ impl Outbox {
             cfg,
             max_pages,
             page_size,
+            depth: 0,
         };
         report.migrated_from = outbox.migrate().map_err(|e| match e {
             MigrateError::Sqlite(source) => OpenError::Sqlite {
@@ -309,6 +317,7 @@ impl Outbox {
                 found,
             },
         })?;
+        outbox.depth = outbox.stats_counts().map_err(sq)?.0;
         if report.quarantined.is_some() {
             outbox
                 .conn
@@ -383,7 +392,7 @@ impl Outbox {
                 Ok(seqs) => return Ok(seqs),
                 Err(EnqueueError::Sqlite(e)) if is_full(&e) && attempts < 20 => {
                     // Cap or disk full: evict a tenth of the queue and try again.
-                    let depth = self.stats_counts()?.0;
+                    let depth = self.depth;
                     if depth == 0 {
                         return Err(EnqueueError::Full(payload_estimate));
                     }
@@ -449,6 +458,7 @@ impl Outbox {
             }
         }
         tx.commit()?;
+        self.depth += seqs.len() as u64;
         if health.is_some() {
             seqs.remove(0);
         }
@@ -467,7 +477,7 @@ impl Outbox {
         let limit = self.max_pages * 90 / 100;
         let mut used = self.used_pages()?;
         while used + needed > limit {
-            let depth = self.stats_counts()?.0;
+            let depth = self.depth;
             if depth == 0 {
                 break;
             }
@@ -514,6 +524,7 @@ impl Outbox {
             }
         }
         tx.commit()?;
+        self.depth = self.depth.saturating_sub(n);
         Ok(n)
     }
 
@@ -538,6 +549,7 @@ impl Outbox {
             }
         }
         tx.commit()?;
+        self.depth = self.depth.saturating_sub(victims.len() as u64);
         Ok(ev)
     }
 
@@ -591,11 +603,28 @@ impl Outbox {
         Ok(out)
     }
 
-    /// Up to `limit` rows with `seq > after`, oldest first (the uplink's backlog cursor).
+    /// Up to `limit` rows with `seq > after`, oldest first (the uplink's cursors). Leaves
+    /// `event_id` empty: the uplink sends the payload, which carries it.
     pub fn rows_after(&self, after: u64, limit: usize) -> rusqlite::Result<Vec<Pending>> {
-        let mut stmt = self.conn.prepare_cached(SELECT_OLDEST)?;
+        let mut stmt = self.conn.prepare_cached(SELECT_TO_SEND)?;
         let rows = stmt.query_map(params![after as i64, limit as i64], pending_row)?;
         rows.collect()
+    }
+
+    /// Opens a read-only connection to the same file (see [`OutboxReader`]).
+    pub fn reader(&self) -> rusqlite::Result<OutboxReader> {
+        let conn = Connection::open_with_flags(
+            &self.cfg.path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "cache_size", -8192)?;
+        let _: i64 = conn.query_row(
+            &format!("PRAGMA mmap_size = {}", self.cfg.max_bytes.min(256 << 20)),
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(OutboxReader { conn })
     }
 
     /// Highest seq queued (0 when empty).
@@ -621,7 +650,7 @@ impl Outbox {
 
     /// Number of queued events.
     pub fn depth(&self) -> rusqlite::Result<u64> {
-        Ok(self.stats_counts()?.0)
+        Ok(self.depth)
     }
 
     /// Deletes delivered rows (one transaction). This commit is not fsynced even under
@@ -659,6 +688,7 @@ impl Outbox {
             }
         }
         tx.commit()?;
+        self.depth = self.depth.saturating_sub(n as u64);
         Ok(n)
     }
 
@@ -666,8 +696,10 @@ impl Outbox {
     pub fn dead_letter(&mut self, seq: u64, reason: &str) -> rusqlite::Result<()> {
         let tx = self.conn.transaction()?;
         tx.execute(DEAD_LETTER, params![seq as i64, reason, now_ms()])?;
-        tx.execute(DELETE_EVENT, params![seq as i64])?;
-        tx.commit()
+        let gone = tx.execute(DELETE_EVENT, params![seq as i64])?;
+        tx.commit()?;
+        self.depth = self.depth.saturating_sub(gone as u64);
+        Ok(())
     }
 
     fn stats_counts(&self) -> rusqlite::Result<(u64, u64, Option<i64>)> {
@@ -735,6 +767,42 @@ fn pending_row(r: &rusqlite::Row) -> rusqlite::Result<Pending> {
         device_id: r.get(2)?,
         payload: r.get(3)?,
     })
+}
+
+/// A second, read-only connection to an open outbox, for the uplink: in WAL mode its reads
+/// neither wait for nor block the writer's commits and checkpoints.
+pub struct OutboxReader {
+    conn: Connection,
+}
+
+impl OutboxReader {
+    /// Up to `limit` rows with `seq > after`, oldest first (`event_id` left empty).
+    pub fn rows_after(&self, after: u64, limit: usize) -> rusqlite::Result<Vec<Pending>> {
+        let mut stmt = self.conn.prepare_cached(SELECT_TO_SEND)?;
+        let rows = stmt.query_map(params![after as i64, limit as i64], pending_row)?;
+        rows.collect()
+    }
+
+    /// The rows with these seqs that still exist.
+    pub fn rows_by_seq(&self, seqs: &[u64]) -> rusqlite::Result<Vec<Pending>> {
+        let mut stmt = self.conn.prepare_cached(SELECT_BY_SEQ)?;
+        let mut out = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            if let Some(p) = stmt.query_row(params![*s as i64], pending_row).optional()? {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Highest seq queued (0 when empty).
+    pub fn max_seq(&self) -> rusqlite::Result<u64> {
+        self.conn
+            .query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|v| v as u64)
+    }
 }
 
 enum MigrateError {

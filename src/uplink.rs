@@ -33,7 +33,7 @@ use rdkafka::util::Timeout;
 use rdkafka::ClientContext;
 use tokio::sync::{mpsc, watch};
 
-use crate::outbox::{Outbox, Pending};
+use crate::outbox::{Outbox, OutboxReader, Pending};
 
 /// Where the uplink is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -260,6 +260,34 @@ fn producer(
         .map_err(UplinkError::Config)
 }
 
+/// A cheap hasher for seq numbers (the in-flight set is touched twice per message).
+#[derive(Clone, Copy, Default)]
+struct SeqHash;
+
+impl std::hash::BuildHasher for SeqHash {
+    type Hasher = SeqHasher;
+    fn build_hasher(&self) -> SeqHasher {
+        SeqHasher(0)
+    }
+}
+
+#[derive(Default)]
+struct SeqHasher(u64);
+
+impl std::hash::Hasher for SeqHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ *b as u64).wrapping_mul(0x100000001b3);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
 enum AckJob {
     Delete(Vec<u64>),
     Sync(std::sync::mpsc::Sender<()>),
@@ -355,8 +383,10 @@ impl Bucket {
 
 /// The drain loop's state and the things each state function works on.
 struct Uplink {
-    /// The queue we drain.
+    /// The queue we drain (writes: dead letters; the ack thread deletes through it too).
     outbox: Arc<Mutex<Outbox>>,
+    /// Our own read connection, so reads never wait for the writer's commits.
+    reader: OutboxReader,
     cfg: UplinkConfig,
     /// Rebuilt after a fatal or wedged producer.
     producer: Kafka,
@@ -364,7 +394,7 @@ struct Uplink {
     reports_tx: mpsc::UnboundedSender<(u64, Outcome)>,
     reports: mpsc::UnboundedReceiver<(u64, Outcome)>,
     /// Rows handed to librdkafka and not yet reported on.
-    in_flight: HashSet<u64>,
+    in_flight: HashSet<u64, SeqHash>,
     /// Every row with a seq at or below this was sent once (oldest-first cursor).
     backlog_cursor: u64,
     /// Same for the live (newest-first) pass.
@@ -419,7 +449,7 @@ impl Uplink {
             for s in &seqs {
                 self.retry.remove(s);
             }
-            let rows = self.outbox()?.rows_by_seq(&seqs)?;
+            let rows = self.reader.rows_by_seq(&seqs)?;
             let mut rows = rows.into_iter();
             while let Some(p) = rows.next() {
                 if !self.try_send(&p)? {
@@ -435,7 +465,7 @@ impl Uplink {
                 .live_cursor
                 .max(self.backlog_cursor)
                 .max(self.live_boundary()?);
-            let rows = self.outbox()?.rows_after(after, room)?;
+            let rows = self.reader.rows_after(after, room)?;
             for p in rows {
                 if !self.try_send(&p)? {
                     return Ok(());
@@ -446,7 +476,7 @@ impl Uplink {
             }
         }
         if room > 0 {
-            let rows = self.outbox()?.rows_after(self.backlog_cursor, room)?;
+            let rows = self.reader.rows_after(self.backlog_cursor, room)?;
             for p in rows {
                 // Rows the live pass already sent stay visible until their delete commits.
                 let skip = self.live_sent.remove(&p.seq)
@@ -472,7 +502,7 @@ impl Uplink {
             .back()
             .is_none_or(|(t, _)| now.duration_since(*t) >= Duration::from_millis(250))
         {
-            let max = self.outbox()?.max_seq()?;
+            let max = self.reader.max_seq()?;
             self.seq_samples.push_back((now, max));
         }
         let window = Duration::from_millis(self.cfg.live_window_ms);
@@ -513,7 +543,7 @@ impl Uplink {
             Err((e, _)) => {
                 match classify(&e) {
                     Outcome::Fatal(reason) => {
-                        tracing::warn!(seq = p.seq, event_id = %p.event_id, reason, "dead-lettering event");
+                        tracing::warn!(seq = p.seq, reason, "dead-lettering event");
                         self.outbox()?.dead_letter(p.seq, reason)?;
                         self.status.send_modify(|s| s.dead_lettered += 1);
                     }
@@ -792,15 +822,19 @@ pub async fn run(
         tokens: r as f64,
         last: Instant::now(),
     });
-    let depth = outbox.lock().map_err(|_| UplinkError::Poisoned)?.depth()?;
+    let (depth, reader) = {
+        let ob = outbox.lock().map_err(|_| UplinkError::Poisoned)?;
+        (ob.depth()?, ob.reader()?)
+    };
     let outbox_for_acks = outbox.clone();
     let mut up = Uplink {
         outbox,
+        reader,
         cfg,
         producer,
         reports_tx,
         reports,
-        in_flight: HashSet::new(),
+        in_flight: HashSet::with_hasher(SeqHash),
         backlog_cursor: 0,
         live_cursor: 0,
         retry: BTreeSet::new(),
@@ -825,5 +859,51 @@ pub async fn run(
                 return Ok(());
             }
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_come_from_files_and_missing_ones_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("sasl-password");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        let mut cfg = UplinkConfig::new("broker:9093", "t");
+        cfg.security = Security {
+            protocol: Some("sasl_ssl".into()),
+            sasl_mechanism: Some("SCRAM-SHA-512".into()),
+            sasl_username: Some("edge".into()),
+            sasl_password_file: Some(pw),
+            ssl_ca_location: Some("/etc/ssl/ca.pem".into()),
+            ..Security::default()
+        };
+        cfg.librdkafka.insert("client.id".into(), "pi-7".into());
+        let c = client_config(&cfg).unwrap();
+        assert_eq!(c.get("sasl.password"), Some("s3cret"));
+        assert_eq!(c.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(c.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        assert_eq!(c.get("ssl.ca.location"), Some("/etc/ssl/ca.pem"));
+        assert_eq!(c.get("enable.idempotence"), Some("true"));
+        assert_eq!(c.get("acks"), Some("all"));
+        assert_eq!(c.get("client.id"), Some("pi-7"));
+        cfg.security.sasl_password_file = Some(dir.path().join("nope"));
+        let err = client_config(&cfg).unwrap_err().to_string();
+        assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn the_bucket_limits_bytes_per_second() {
+        let mut b = Bucket {
+            rate: 1000.0,
+            tokens: 1000.0,
+            last: Instant::now(),
+        };
+        assert!(b.take(800));
+        assert!(!b.take(800), "only 200 bytes of credit left");
+        std::thread::sleep(Duration::from_millis(700));
+        assert!(b.take(800), "refilled at 1000 B/s");
     }
 }
