@@ -227,6 +227,13 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// How much of the file to memory-map: all of it on 64-bit, at most 256 MiB of a 32-bit
+/// (armv7) address space.
+fn mmap_limit(max_bytes: u64) -> u64 {
+    let ceiling: u64 = if cfg!(target_pointer_width = "64") { 4 << 30 } else { 256 << 20 };
+    max_bytes.min(ceiling)
+}
+
 /// Bytes set aside from the cap for the WAL.
 fn wal_reserve(max_bytes: u64) -> u64 {
     (max_bytes / 8).clamp(64 * 1024, 4 * 1024 * 1024)
@@ -277,7 +284,7 @@ impl Outbox {
         conn.pragma_update(None, "cache_size", -8192).map_err(sq)?;
         let _: i64 = conn
             .query_row(
-                &format!("PRAGMA mmap_size = {}", cfg.max_bytes.min(256 << 20)),
+                &format!("PRAGMA mmap_size = {}", mmap_limit(cfg.max_bytes)),
                 [],
                 |r| r.get(0),
             )
@@ -615,12 +622,12 @@ impl Outbox {
     pub fn reader(&self) -> rusqlite::Result<OutboxReader> {
         let conn = Connection::open_with_flags(
             &self.cfg.path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.pragma_update(None, "cache_size", -8192)?;
         let _: i64 = conn.query_row(
-            &format!("PRAGMA mmap_size = {}", self.cfg.max_bytes.min(256 << 20)),
+            &format!("PRAGMA mmap_size = {}", mmap_limit(self.cfg.max_bytes)),
             [],
             |r| r.get(0),
         )?;
