@@ -17,6 +17,8 @@
 //! * [`uplink`] — drains the outbox to Kafka (rdkafka), deleting rows only after the broker's
 //!   acknowledgement; an explicit state machine (`Online`, `Backlogged`, `Offline`,
 //!   `ShuttingDown`).
+//! * [`sink`] — `edge-sink`: Kafka -> PostgreSQL in one transaction per batch (COPY BINARY
+//!   into staging, `ON CONFLICT DO NOTHING`), offsets stored with the rows (feature `sink`).
 //! * `src/bin/edge-agent.rs` — the device agent's command line; thin, over this library.
 //! * `src/bin/edge-sink.rs` — the Kafka -> PostgreSQL sink (feature `sink`).
 //!
@@ -30,6 +32,8 @@ pub mod event;
 pub mod fetch;
 #[cfg(feature = "agent")]
 pub mod outbox;
+#[cfg(feature = "sink")]
+pub mod sink;
 #[cfg(feature = "agent")]
 pub mod uplink;
 

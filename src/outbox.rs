@@ -230,7 +230,11 @@ fn now_ms() -> i64 {
 /// How much of the file to memory-map: all of it on 64-bit, at most 256 MiB of a 32-bit
 /// (armv7) address space.
 fn mmap_limit(max_bytes: u64) -> u64 {
-    let ceiling: u64 = if cfg!(target_pointer_width = "64") { 4 << 30 } else { 256 << 20 };
+    let ceiling: u64 = if cfg!(target_pointer_width = "64") {
+        4 << 30
+    } else {
+        256 << 20
+    };
     max_bytes.min(ceiling)
 }
 

@@ -1,0 +1,633 @@
+//! `edge-sink`: Kafka -> PostgreSQL, one transaction per batch, offsets kept in PostgreSQL.
+//!
+//! # Invariants
+//!
+//! * **Rows and offsets commit together.** Each batch is one PostgreSQL transaction: rows
+//!   (COPY BINARY into temporary staging tables, then `INSERT ... ON CONFLICT DO NOTHING`),
+//!   dead letters, and the next offset of every partition in the batch. Kafka offsets are
+//!   committed afterwards, for lag monitoring only.
+//! * **Nothing doubled.** `event_id` is the key of `events`, `(event_id, idx)` of `objects`:
+//!   re-deliveries (the agent is at-least-once) and replays after a crash insert nothing.
+//! * **Nothing skipped.** On every assignment the sink reads its offsets from PostgreSQL and
+//!   assigns the partitions at exactly those offsets (in librdkafka's rebalance callback);
+//!   messages below the stored offset are dropped as already written.
+//! * **Bad input never blocks a partition.** A message that is not a valid event goes to
+//!   `dead_letters` with the reason, in the same transaction as its offset.
+//! * **An unreachable database pauses, never drops.** Connection errors keep the batch in
+//!   memory, stop consuming, and retry with backoff until PostgreSQL is back;
+//!   nothing goes to the dead-letter table for them and no offset moves.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::pin_mut;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::watch;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::Type;
+use tokio_postgres::{Client, NoTls};
+
+use crate::event::{self, Event};
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// Largest message accepted; larger ones are dead-lettered.
+pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+
+/// Sink settings.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    pub brokers: String,
+    pub topic: String,
+    pub group_id: String,
+    /// libpq-style connection string (`host=... user=... dbname=...`).
+    pub database_url: String,
+    /// A batch closes at this many messages ...
+    pub batch_size: usize,
+    /// ... or this long after its first message.
+    pub batch_ms: u64,
+    /// Messages larger than this are dead-lettered ("oversized").
+    pub max_message_bytes: usize,
+    /// Any other librdkafka consumer property.
+    #[serde(default)]
+    pub librdkafka: std::collections::BTreeMap<String, String>,
+}
+
+impl SinkConfig {
+    pub fn new(brokers: &str, topic: &str, group_id: &str, database_url: &str) -> Self {
+        Self {
+            brokers: brokers.into(),
+            topic: topic.into(),
+            group_id: group_id.into(),
+            database_url: database_url.into(),
+            batch_size: 5000,
+            batch_ms: 500,
+            max_message_bytes: MAX_MESSAGE_BYTES,
+            librdkafka: Default::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("migrations: {0}")]
+    Migrate(#[from] refinery::Error),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+}
+
+/// What the sink has done, for logs, metrics and tests.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct SinkStatus {
+    pub batches: u64,
+    pub events: u64,
+    pub objects: u64,
+    pub dead_letters: u64,
+    pub skipped_already_written: u64,
+    /// Times the broker skipped offsets and the sink re-read from further back.
+    pub gap_rereads: u64,
+    pub db_retries: u64,
+}
+
+/// Applies the migrations in `migrations/` (refinery, history in `refinery_schema_history`).
+pub async fn migrate(client: &mut Client) -> Result<usize, SinkError> {
+    let report = embedded::migrations::runner().run_async(client).await?;
+    Ok(report.applied_migrations().len())
+}
+
+/// Connects (no TLS unless the connection string's sslmode asks and a TLS build is used).
+pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::warn!(error = %e, "database connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Starts every newly assigned partition exactly at PostgreSQL's stored offset: the
+/// assignment is made by us, with those offsets, inside librdkafka's rebalance callback (a
+/// seek after the fact can fail while the fetcher starts, and the fetch would then begin at
+/// Kafka's committed offset). The loop also learns the offsets, to drop anything older.
+struct Ctx {
+    assigned: Arc<Mutex<Vec<(i32, i64)>>>,
+    database_url: String,
+}
+
+impl ClientContext for Ctx {}
+
+impl Ctx {
+    fn stored_offsets(&self, topic: &str) -> Result<HashMap<i32, i64>, String> {
+        let handle = tokio::runtime::Handle::try_current().map_err(|e| e.to_string())?;
+        let url = self.database_url.clone();
+        let topic = topic.to_string();
+        tokio::task::block_in_place(|| {
+            handle.block_on(async move {
+                let c = connect(&url).await.map_err(|e| e.to_string())?;
+                let rows = c
+                    .query(SELECT_OFFSETS, &[&topic])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(rows
+                    .iter()
+                    .map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1)))
+                    .collect())
+            })
+        })
+    }
+}
+
+impl ConsumerContext for Ctx {
+    fn rebalance(
+        &self,
+        base: &BaseConsumer<Self>,
+        err: rdkafka::types::RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        use rdkafka::types::RDKafkaRespErr;
+        if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
+            tracing::info!("partitions revoked");
+            let _ = base.unassign();
+            return;
+        }
+        let topics: std::collections::BTreeSet<String> = tpl
+            .elements()
+            .iter()
+            .map(|e| e.topic().to_string())
+            .collect();
+        let mut fresh = Vec::new();
+        let mut with_offsets = TopicPartitionList::new();
+        for topic in topics {
+            // The database must answer before we consume: retry until it does.
+            let stored = loop {
+                match self.stored_offsets(&topic) {
+                    Ok(s) => break s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read stored offsets; retrying");
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
+            };
+            for e in tpl.elements_for_topic(&topic) {
+                let o = stored.get(&e.partition()).copied().unwrap_or(0);
+                let _ = with_offsets.add_partition_offset(&topic, e.partition(), Offset::Offset(o));
+                fresh.push((e.partition(), o));
+            }
+        }
+        tracing::info!(
+            ?fresh,
+            "partitions assigned at the offsets stored in PostgreSQL"
+        );
+        if let Err(e) = base.assign(&with_offsets) {
+            tracing::error!(error = %e, "assign failed");
+        }
+        if let Ok(mut a) = self.assigned.lock() {
+            a.extend(fresh);
+        }
+    }
+}
+
+/// One decoded or rejected message of a batch.
+enum Item {
+    Good {
+        ev: Event,
+        partition: i32,
+        offset: i64,
+    },
+    Bad {
+        partition: i32,
+        offset: i64,
+        payload: Option<Vec<u8>>,
+        error: String,
+    },
+}
+
+fn classify(m: &BorrowedMessage<'_>, max_bytes: usize) -> Item {
+    let (partition, offset) = (m.partition(), m.offset());
+    let Some(payload) = m.payload() else {
+        return Item::Bad {
+            partition,
+            offset,
+            payload: None,
+            error: "empty message".into(),
+        };
+    };
+    if payload.len() > max_bytes {
+        return Item::Bad {
+            partition,
+            offset,
+            payload: None,
+            error: format!("oversized: {} bytes", payload.len()),
+        };
+    }
+    match event::decode(payload) {
+        Ok(ev) => Item::Good {
+            ev,
+            partition,
+            offset,
+        },
+        Err(e) => Item::Bad {
+            partition,
+            offset,
+            payload: Some(payload.to_vec()),
+            error: e.to_string(),
+        },
+    }
+}
+
+const STAGE: &str = "
+SET LOCAL client_min_messages = warning;
+CREATE TEMP TABLE IF NOT EXISTS stage_events (LIKE events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_objects (LIKE objects) ON COMMIT DELETE ROWS;";
+const COPY_EVENTS: &str = "COPY stage_events (event_id, device_id, seq, captured_at, kind, model_name, model_sha256, frame_width, frame_height, detections, kafka_topic, kafka_partition, kafka_offset) FROM STDIN BINARY";
+const COPY_OBJECTS: &str = "COPY stage_objects (event_id, idx, device_id, captured_at, label, class_id, confidence, x1, y1, x2, y2) FROM STDIN BINARY";
+const MERGE_EVENTS: &str =
+    "INSERT INTO events SELECT * FROM stage_events ON CONFLICT (event_id) DO NOTHING";
+const MERGE_OBJECTS: &str =
+    "INSERT INTO objects SELECT * FROM stage_objects ON CONFLICT (event_id, idx) DO NOTHING";
+const INSERT_HEALTH: &str = "INSERT INTO device_health (event_id, device_id, captured_at, kind, message, evicted) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING";
+const INSERT_DEAD: &str = "INSERT INTO dead_letters (kafka_topic, kafka_partition, kafka_offset, payload, error) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING";
+const UPSERT_OFFSET: &str = "INSERT INTO sink_offsets (kafka_topic, kafka_partition, next_offset) VALUES ($1, $2, $3)
+     ON CONFLICT (kafka_topic, kafka_partition) DO UPDATE SET next_offset = GREATEST(sink_offsets.next_offset, EXCLUDED.next_offset), updated_at = now()";
+const SELECT_OFFSETS: &str =
+    "SELECT kafka_partition, next_offset FROM sink_offsets WHERE kafka_topic = $1";
+
+fn kind_str(k: event::Kind) -> String {
+    serde_json::to_value(k)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+/// Writes one batch and its offsets in one transaction.
+async fn write_batch(
+    client: &mut Client,
+    topic: &str,
+    items: &[Item],
+) -> Result<(u64, u64, u64), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.batch_execute(STAGE).await?;
+    let mut n_ev = 0u64;
+    let mut n_obj = 0u64;
+    let mut n_dead = 0u64;
+    {
+        let sink = tx.copy_in(COPY_EVENTS).await?;
+        let types = [
+            Type::UUID,
+            Type::TEXT,
+            Type::INT8,
+            Type::TIMESTAMPTZ,
+            Type::TEXT,
+            Type::TEXT,
+            Type::TEXT,
+            Type::INT4,
+            Type::INT4,
+            Type::INT4,
+            Type::TEXT,
+            Type::INT4,
+            Type::INT8,
+        ];
+        let w = BinaryCopyInWriter::new(sink, &types);
+        pin_mut!(w);
+        for it in items {
+            if let Item::Good {
+                ev,
+                partition,
+                offset,
+            } = it
+            {
+                let (mn, ms) = match &ev.model {
+                    Some(m) => (Some(m.name.as_str()), Some(m.sha256.as_str())),
+                    None => (None, None),
+                };
+                let (fw, fh) = match ev.frame {
+                    Some(f) => (Some(f.width as i32), Some(f.height as i32)),
+                    None => (None, None),
+                };
+                w.as_mut()
+                    .write(&[
+                        &ev.event_id,
+                        &ev.device_id,
+                        &(ev.seq as i64),
+                        &ev.captured_at,
+                        &kind_str(ev.kind),
+                        &mn,
+                        &ms,
+                        &fw,
+                        &fh,
+                        &(ev.detections.len() as i32),
+                        &topic,
+                        partition,
+                        offset,
+                    ])
+                    .await?;
+                n_ev += 1;
+            }
+        }
+        w.finish().await?;
+    }
+    {
+        let sink = tx.copy_in(COPY_OBJECTS).await?;
+        let types = [
+            Type::UUID,
+            Type::INT4,
+            Type::TEXT,
+            Type::TIMESTAMPTZ,
+            Type::TEXT,
+            Type::INT4,
+            Type::FLOAT4,
+            Type::FLOAT4,
+            Type::FLOAT4,
+            Type::FLOAT4,
+            Type::FLOAT4,
+        ];
+        let w = BinaryCopyInWriter::new(sink, &types);
+        pin_mut!(w);
+        for it in items {
+            if let Item::Good { ev, .. } = it {
+                for (i, d) in ev.detections.iter().enumerate() {
+                    w.as_mut()
+                        .write(&[
+                            &ev.event_id,
+                            &(i as i32),
+                            &ev.device_id,
+                            &ev.captured_at,
+                            &d.label,
+                            &(d.class_id as i32),
+                            &d.confidence,
+                            &d.bbox[0],
+                            &d.bbox[1],
+                            &d.bbox[2],
+                            &d.bbox[3],
+                        ])
+                        .await?;
+                    n_obj += 1;
+                }
+            }
+        }
+        w.finish().await?;
+    }
+    tx.execute(MERGE_EVENTS, &[]).await?;
+    tx.execute(MERGE_OBJECTS, &[]).await?;
+    let health = tx.prepare(INSERT_HEALTH).await?;
+    let dead = tx.prepare(INSERT_DEAD).await?;
+    let mut next: HashMap<i32, i64> = HashMap::new();
+    for it in items {
+        match it {
+            Item::Good {
+                ev,
+                partition,
+                offset,
+            } => {
+                if ev.kind.is_health() {
+                    let h = ev.health.clone().unwrap_or_default();
+                    let evicted = h.evicted.and_then(|e| serde_json::to_value(e).ok());
+                    tx.execute(
+                        &health,
+                        &[
+                            &ev.event_id,
+                            &ev.device_id,
+                            &ev.captured_at,
+                            &kind_str(ev.kind),
+                            &h.message,
+                            &evicted,
+                        ],
+                    )
+                    .await?;
+                }
+                let e = next.entry(*partition).or_insert(0);
+                *e = (*e).max(offset + 1);
+            }
+            Item::Bad {
+                partition,
+                offset,
+                payload,
+                error,
+            } => {
+                tx.execute(&dead, &[&topic, partition, offset, payload, error])
+                    .await?;
+                n_dead += 1;
+                let e = next.entry(*partition).or_insert(0);
+                *e = (*e).max(offset + 1);
+            }
+        }
+    }
+    let up = tx.prepare(UPSERT_OFFSET).await?;
+    for (p, o) in &next {
+        tx.execute(&up, &[&topic, p, o]).await?;
+    }
+    tx.commit().await?;
+    Ok((n_ev, n_obj, n_dead))
+}
+
+/// True for errors where retrying later can succeed (connection lost, server restarting).
+fn is_transient(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        None => true, // I/O or protocol: the connection is gone
+        Some(c) => {
+            let s = c.code();
+            s.starts_with("08")
+                || s.starts_with("57P")
+                || s == "40001"
+                || s == "40P01"
+                || s == "53300"
+        }
+    }
+}
+
+/// Runs the sink until `stop` turns true.
+pub async fn run(
+    cfg: SinkConfig,
+    mut stop: watch::Receiver<bool>,
+    status: watch::Sender<SinkStatus>,
+) -> Result<(), SinkError> {
+    let mut client = loop {
+        match connect(&cfg.database_url).await {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::warn!(error = %e, "database unreachable at start; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if *stop.borrow() {
+                    return Ok(());
+                }
+            }
+        }
+    };
+    migrate(&mut client).await?;
+    let assigned = Arc::new(Mutex::new(Vec::new()));
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &cfg.brokers)
+        .set("group.id", &cfg.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("queued.max.messages.kbytes", "65536");
+    for (k, v) in &cfg.librdkafka {
+        cc.set(k, v);
+    }
+    let consumer: StreamConsumer<Ctx> = cc.create_with_context(Ctx {
+        assigned: assigned.clone(),
+        database_url: cfg.database_url.clone(),
+    })?;
+    consumer.subscribe(&[&cfg.topic])?;
+    // Next offset to write per partition, from PostgreSQL; messages below it are written already.
+    let mut next: HashMap<i32, i64> = HashMap::new();
+    // Re-read attempts per partition after an offset gap.
+    let mut gap_tries: HashMap<i32, u32> = HashMap::new();
+    let mut last_watermark_check = Instant::now();
+    let mut st = SinkStatus::default();
+    loop {
+        if *stop.borrow() {
+            return Ok(());
+        }
+        // Collect a batch (size or time).
+        let mut items: Vec<Item> = Vec::new();
+        // Next offset expected per partition within this batch.
+        let mut batch_next: HashMap<i32, i64> = HashMap::new();
+        let mut deadline: Option<tokio::time::Instant> = None;
+        while items.len() < cfg.batch_size {
+            let wait = match deadline {
+                Some(d) => d,
+                None => tokio::time::Instant::now() + Duration::from_millis(200),
+            };
+            tokio::select! {
+                m = consumer.recv() => {
+                    let m = m?;
+                    for (p, o) in take_assignments(&assigned) {
+                        next.insert(p, o);
+                    }
+                    if let Some(&n) = next.get(&m.partition()) {
+                        if m.offset() < n {
+                            st.skipped_already_written += 1;
+                            continue;
+                        }
+                        // Offsets are contiguous in a plain topic: a jump means the broker
+                        // skipped records (seen with tansu when fetching from the middle of a
+                        // record batch). Re-read from further back; the filter above drops
+                        // what is already written.
+                        let expected = n.max(*batch_next.get(&m.partition()).unwrap_or(&n));
+                        if m.offset() > expected {
+                            let tries = gap_tries.entry(m.partition()).or_insert(0);
+                            if *tries < 8 {
+                                *tries += 1;
+                                let back = if *tries >= 7 { Offset::Beginning } else { Offset::Offset((expected - (256i64 << (2 * *tries))).max(0)) };
+                                tracing::warn!(partition = m.partition(), expected, got = m.offset(), ?back, "offset gap; re-reading");
+                                st.gap_rereads += 1;
+                                if consumer.seek(&cfg.topic, m.partition(), back, Duration::from_secs(5)).is_ok() {
+                                    continue;
+                                }
+                            } else {
+                                tracing::error!(partition = m.partition(), expected, got = m.offset(), "offsets missing from the topic (retention?); continuing after them");
+                            }
+                        }
+                        gap_tries.remove(&m.partition());
+                    }
+                    batch_next.insert(m.partition(), m.offset() + 1);
+                    items.push(classify(&m, cfg.max_message_bytes));
+                    if deadline.is_none() {
+                        deadline = Some(tokio::time::Instant::now() + Duration::from_millis(cfg.batch_ms));
+                    }
+                }
+                _ = tokio::time::sleep_until(wait) => {
+                    if deadline.is_some() { break; }
+                    for (p, o) in take_assignments(&assigned) {
+                        next.insert(p, o);
+                    }
+                    // Idle with messages left below the high watermark: the broker skipped the
+                    // tail of a record batch (no later message exists to reveal the gap).
+                    if last_watermark_check.elapsed() > Duration::from_secs(2) {
+                        last_watermark_check = Instant::now();
+                        for (&p, &n) in next.iter() {
+                            let Ok((_, high)) = consumer.fetch_watermarks(&cfg.topic, p, Duration::from_secs(2)) else { continue };
+                            if high > n {
+                                let tries = gap_tries.entry(p).or_insert(0);
+                                *tries = (*tries + 1).min(7);
+                                let back = if *tries >= 6 { Offset::Beginning } else { Offset::Offset((n - (256i64 << (2 * *tries))).max(0)) };
+                                tracing::warn!(partition = p, next = n, high, ?back, "idle below the high watermark; re-reading");
+                                st.gap_rereads += 1;
+                                let _ = consumer.seek(&cfg.topic, p, back, Duration::from_secs(5));
+                            }
+                        }
+                    }
+                }
+                _ = stop.changed() => return Ok(()),
+            }
+        }
+        if items.is_empty() {
+            continue;
+        }
+        // Write it; connection errors retry forever. We do not poll meanwhile, so the only
+        // buffering is librdkafka's prefetch queue, bounded by `queued.max.messages.kbytes`.
+        // (Explicit pause/resume was tried: librdkafka purges the fetch queue on pause and
+        // resumed past it, skipping messages.)
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(200);
+        let (ev, obj, dead) = loop {
+            match write_batch(&mut client, &cfg.topic, &items).await {
+                Ok(r) => break r,
+                Err(e) if is_transient(&e) => {
+                    st.db_retries += 1;
+                    status.send_replace(st.clone());
+                    tracing::warn!(error = %e, "database unavailable; batch kept, retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    if let Ok(c) = connect(&cfg.database_url).await {
+                        client = c;
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        // Offsets are now durable in PostgreSQL; tell Kafka too (lag monitoring only).
+        let mut tpl = TopicPartitionList::new();
+        for it in &items {
+            let (p, o) = match it {
+                Item::Good {
+                    partition, offset, ..
+                }
+                | Item::Bad {
+                    partition, offset, ..
+                } => (*partition, *offset),
+            };
+            let n = next.entry(p).or_insert(0);
+            *n = (*n).max(o + 1);
+        }
+        for (p, o) in &next {
+            let _ = tpl.add_partition_offset(&cfg.topic, *p, Offset::Offset(*o));
+        }
+        let _ = consumer.commit(&tpl, CommitMode::Async);
+        st.batches += 1;
+        st.events += ev;
+        st.objects += obj;
+        st.dead_letters += dead;
+        status.send_replace(st.clone());
+        tracing::debug!(
+            events = ev,
+            objects = obj,
+            dead,
+            ms = started.elapsed().as_millis() as u64,
+            "batch written"
+        );
+    }
+}
+
+fn take_assignments(a: &Arc<Mutex<Vec<(i32, i64)>>>) -> Vec<(i32, i64)> {
+    a.lock()
+        .map(|mut v| std::mem::take(&mut *v))
+        .unwrap_or_default()
+}
