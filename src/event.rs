@@ -26,6 +26,18 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The name used in JSON and in the sink's tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Detection => "detection",
+            Kind::AgentStarted => "agent_started",
+            Kind::AgentStopping => "agent_stopping",
+            Kind::CameraLost => "camera_lost",
+            Kind::CameraRecovered => "camera_recovered",
+            Kind::OutboxEvicted => "outbox_evicted",
+        }
+    }
+
     pub fn is_health(self) -> bool {
         self != Kind::Detection
     }
@@ -211,6 +223,20 @@ mod tests {
             assert!(json.get(key).is_some(), "missing {key}");
         }
         assert_eq!(json["kind"], "detection");
+        for k in [
+            Kind::Detection,
+            Kind::AgentStarted,
+            Kind::AgentStopping,
+            Kind::CameraLost,
+            Kind::CameraRecovered,
+            Kind::OutboxEvicted,
+        ] {
+            assert_eq!(
+                serde_json::to_value(k).unwrap(),
+                k.as_str(),
+                "as_str agrees with serde"
+            );
+        }
         assert_eq!(
             decode(serde_json::to_string(&ev).unwrap().as_bytes()).unwrap(),
             ev

@@ -614,14 +614,6 @@ impl Outbox {
         Ok(out)
     }
 
-    /// Up to `limit` rows with `seq > after`, oldest first (the uplink's cursors). Leaves
-    /// `event_id` empty: the uplink sends the payload, which carries it.
-    pub fn rows_after(&self, after: u64, limit: usize) -> rusqlite::Result<Vec<Pending>> {
-        let mut stmt = self.conn.prepare_cached(SELECT_TO_SEND)?;
-        let rows = stmt.query_map(params![after as i64, limit as i64], pending_row)?;
-        rows.collect()
-    }
-
     /// Opens a read-only connection to the same file (see [`OutboxReader`]).
     pub fn reader(&self) -> rusqlite::Result<OutboxReader> {
         let conn = Connection::open_with_flags(
@@ -636,27 +628,6 @@ impl Outbox {
             |r| r.get(0),
         )?;
         Ok(OutboxReader { conn })
-    }
-
-    /// Highest seq queued (0 when empty).
-    pub fn max_seq(&self) -> rusqlite::Result<u64> {
-        self.conn
-            .query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| {
-                r.get::<_, i64>(0)
-            })
-            .map(|v| v as u64)
-    }
-
-    /// The rows with these seqs that still exist.
-    pub fn rows_by_seq(&self, seqs: &[u64]) -> rusqlite::Result<Vec<Pending>> {
-        let mut stmt = self.conn.prepare_cached(SELECT_BY_SEQ)?;
-        let mut out = Vec::with_capacity(seqs.len());
-        for s in seqs {
-            if let Some(p) = stmt.query_row(params![*s as i64], pending_row).optional()? {
-                out.push(p);
-            }
-        }
-        Ok(out)
     }
 
     /// Number of queued events.

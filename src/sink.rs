@@ -262,13 +262,6 @@ const UPSERT_OFFSET: &str = "INSERT INTO sink_offsets (kafka_topic, kafka_partit
 const SELECT_OFFSETS: &str =
     "SELECT kafka_partition, next_offset FROM sink_offsets WHERE kafka_topic = $1";
 
-fn kind_str(k: event::Kind) -> String {
-    serde_json::to_value(k)
-        .ok()
-        .and_then(|v| v.as_str().map(String::from))
-        .unwrap_or_default()
-}
-
 /// Writes one batch and its offsets in one transaction.
 async fn write_batch(
     client: &mut Client,
@@ -320,7 +313,7 @@ async fn write_batch(
                         &ev.device_id,
                         &(ev.seq as i64),
                         &ev.captured_at,
-                        &kind_str(ev.kind),
+                        &ev.kind.as_str(),
                         &mn,
                         &ms,
                         &fw,
@@ -398,7 +391,7 @@ async fn write_batch(
                             &ev.event_id,
                             &ev.device_id,
                             &ev.captured_at,
-                            &kind_str(ev.kind),
+                            &ev.kind.as_str(),
                             &h.message,
                             &evicted,
                         ],

@@ -295,7 +295,8 @@ async fn sigkill_mid_batch_ten_times_exact_counts() {
     }
     send_all(&p, "skill", &msgs).await;
     let bin = env!("CARGO_BIN_EXE_edge-sink");
-    let run = || {
+    // One command line for every instance; `extra` adds batch settings.
+    let sink = |extra: &[&str], stderr: std::process::Stdio| {
         std::process::Command::new(bin)
             .args([
                 "run",
@@ -307,15 +308,18 @@ async fn sigkill_mid_batch_ten_times_exact_counts() {
                 "g",
                 "--database-url",
                 &db,
-                "--batch-size",
-                "500",
-                "--batch-ms",
-                "100",
             ])
+            .args(extra)
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap()
+    };
+    let run = || {
+        sink(
+            &["--batch-size", "500", "--batch-ms", "100"],
+            std::process::Stdio::null(),
+        )
     };
     let mut seed = 0x9E3779B97F4A7C15u64;
     let mut killed_mid = 0;
@@ -341,22 +345,7 @@ async fn sigkill_mid_batch_ten_times_exact_counts() {
         }
     }
     let log = std::env::temp_dir().join(format!("sink-final-{}.log", std::process::id()));
-    let mut child = std::process::Command::new(bin)
-        .args([
-            "run",
-            "--brokers",
-            &b.bootstrap,
-            "--topic",
-            "skill",
-            "--group",
-            "g",
-            "--database-url",
-            &db,
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = sink(&[], std::fs::File::create(&log).unwrap().into());
     let n = wait_for(
         &db,
         "SELECT count(*) FROM events",

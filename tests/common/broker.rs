@@ -20,15 +20,7 @@ use super::proxy::FaultProxy;
 pub fn tansu() -> PathBuf {
     let p = std::env::var_os("TANSU")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("EDGE_VISION_CACHE")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                        .join(".cache/edge-vision")
-                });
-            cache.join("tools/bin/tansu")
-        });
+        .unwrap_or_else(|| super::cache_dir().join("tools/bin/tansu"));
     assert!(
         p.exists(),
         "tansu broker missing at {}: run `bash scripts/broker.sh install` (or scripts/test.sh)",

@@ -6,20 +6,21 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+/// `$EDGE_VISION_CACHE`, else `~/.cache/edge-vision`: fixtures and tools live outside the clone.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("EDGE_VISION_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/edge-vision")
+        })
+}
+
 /// The fixture directory filled by `scripts/fetch-fixtures.sh`. Tests need the real weights and
 /// photos; a missing fixture is a failure with instructions, never a silent skip.
 pub fn fixtures() -> PathBuf {
     let dir = std::env::var_os("EDGE_VISION_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("EDGE_VISION_CACHE")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                        .join(".cache/edge-vision")
-                });
-            cache.join("fixtures")
-        });
+        .unwrap_or_else(|| cache_dir().join("fixtures"));
     for f in ["fall-best.pt", "bus.jpg", "zidane.jpg"] {
         assert!(
             dir.join(f).exists(),
