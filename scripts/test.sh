@@ -22,17 +22,7 @@ TANSU="$(bash scripts/broker.sh install)"
 export TANSU
 
 step "PostgreSQL on 127.0.0.1:5432 (the sink's tests)"
-if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
-  if ! command -v pg_ctlcluster >/dev/null; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
-    # A fresh install asks for passwords on TCP; the tests use trust auth on loopback only.
-    HBA="$(ls /etc/postgresql/*/main/pg_hba.conf | head -1)"
-    sed -i '1i host all all 127.0.0.1/32 trust' "$HBA"
-  fi
-  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
-  for _ in $(seq 1 30); do pg_isready -h 127.0.0.1 -p 5432 -q && break; sleep 1; done
-fi
-pg_isready -h 127.0.0.1 -p 5432
+bash scripts/postgres.sh
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

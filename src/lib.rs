@@ -19,6 +19,14 @@
 //!   `ShuttingDown`).
 //! * [`sink`] — `edge-sink`: Kafka -> PostgreSQL in one transaction per batch (COPY BINARY
 //!   into staging, `ON CONFLICT DO NOTHING`), offsets stored with the rows (feature `sink`).
+//! * [`source`] — frame sources behind one trait: V4L2 cameras through `nokhwa` (MJPEG and
+//!   YUYV decoded here), image directories, a synthetic pattern (feature `agent`).
+//! * [`agent`] — `edge-agent run`: capture -> inference -> outbox writer -> uplink as threads
+//!   joined by bounded channels, with heartbeats for systemd's watchdog (feature `agent`).
+//! * [`settings`] — layered configuration (embedded defaults, TOML file, environment) whose
+//!   errors name the key and the file or variable.
+//! * [`metrics`] — Prometheus text exposition and `/healthz` on a local address.
+//! * [`notify`] — systemd's `sd_notify` protocol (`READY=1`, `WATCHDOG=1`).
 //! * `src/bin/edge-agent.rs` — the device agent's command line; thin, over this library.
 //! * `src/bin/edge-sink.rs` — the Kafka -> PostgreSQL sink (feature `sink`).
 //!
@@ -26,14 +34,22 @@
 //! `sink` the data-centre dependencies, `cuda` Candle's GPU kernels for Jetson.
 
 #[cfg(feature = "agent")]
+pub mod agent;
+#[cfg(feature = "agent")]
 pub mod detect;
 pub mod event;
 #[cfg(feature = "agent")]
 pub mod fetch;
+#[cfg(feature = "kafka")]
+pub mod metrics;
+pub mod notify;
 #[cfg(feature = "agent")]
 pub mod outbox;
+pub mod settings;
 #[cfg(feature = "sink")]
 pub mod sink;
+#[cfg(feature = "agent")]
+pub mod source;
 #[cfg(feature = "agent")]
 pub mod uplink;
 

@@ -94,6 +94,9 @@ const NEXT_SEQ: &str = "SELECT value FROM meta WHERE key = 'next_seq'";
 const SET_NEXT_SEQ: &str = "UPDATE meta SET value = ?1 WHERE key = 'next_seq'";
 const BUMP_COUNTER: &str = "UPDATE meta SET value = value + ?2 WHERE key = ?1";
 const READ_COUNTER: &str = "SELECT value FROM meta WHERE key = ?1";
+/// When the broker last acknowledged a row (for `edge-agent status` without the agent).
+const SET_LAST_ACK: &str =
+    "INSERT INTO meta (key, value) VALUES ('last_ack_ms', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value";
 const EVICTION_ORDER: &str = "SELECT seq, class FROM events ORDER BY class, max_conf, seq LIMIT ?1";
 const DELETE_EVENT: &str = "DELETE FROM events WHERE seq = ?1";
 const DELETE_RANGE: &str = "DELETE FROM events WHERE seq >= ?1 AND seq <= ?2";
@@ -206,6 +209,8 @@ pub struct OutboxStats {
     pub dead_letters: u64,
     pub quarantined: u64,
     pub next_seq: u64,
+    /// When the broker last acknowledged an event (ms since the epoch).
+    pub last_ack_ms: Option<i64>,
 }
 
 /// The outbox. Not `Sync`: share it behind a mutex; every call is short.
@@ -668,6 +673,10 @@ impl Outbox {
                 n += del.execute(params![sorted[i] as i64, sorted[j] as i64])?;
                 i = j + 1;
             }
+            if n > 0 {
+                tx.prepare_cached(SET_LAST_ACK)?
+                    .execute(params![now_ms()])?;
+            }
         }
         tx.commit()?;
         self.depth = self.depth.saturating_sub(n as u64);
@@ -721,6 +730,10 @@ impl Outbox {
             dead_letters: dead as u64,
             quarantined: counter("quarantined")?,
             next_seq: counter("next_seq")?,
+            last_ack_ms: self
+                .conn
+                .query_row(READ_COUNTER, params!["last_ack_ms"], |r| r.get::<_, i64>(0))
+                .optional()?,
         })
     }
 

@@ -40,12 +40,15 @@ mod embedded {
 /// Largest message accepted; larger ones are dead-lettered.
 pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
 
-/// Sink settings.
+/// Sink settings (`systemd/edge-sink.toml` documents every key).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct SinkConfig {
+    /// Bootstrap brokers, `host:port[,host:port]`.
     pub brokers: String,
+    /// Topic the agents write to.
     pub topic: String,
+    /// Consumer group: run more instances with the same group to scale out.
     pub group_id: String,
     /// libpq-style connection string (`host=... user=... dbname=...`).
     pub database_url: String,
@@ -55,9 +58,22 @@ pub struct SinkConfig {
     pub batch_ms: u64,
     /// Messages larger than this are dead-lettered ("oversized").
     pub max_message_bytes: usize,
+    /// `/metrics` and `/healthz` address (empty: off).
+    pub metrics_listen: String,
     /// Any other librdkafka consumer property.
     #[serde(default)]
     pub librdkafka: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        Self::new(
+            "127.0.0.1:9092",
+            "edge-vision.events",
+            "edge-sink",
+            "host=127.0.0.1 user=edge_sink dbname=edge_vision",
+        )
+    }
 }
 
 impl SinkConfig {
@@ -70,6 +86,7 @@ impl SinkConfig {
             batch_size: 5000,
             batch_ms: 500,
             max_message_bytes: MAX_MESSAGE_BYTES,
+            metrics_listen: "127.0.0.1:9465".into(),
             librdkafka: Default::default(),
         }
     }
@@ -96,6 +113,11 @@ pub struct SinkStatus {
     /// Times the broker skipped offsets and the sink re-read from further back.
     pub gap_rereads: u64,
     pub db_retries: u64,
+    /// Wall time of the last batch's transaction, in milliseconds.
+    pub last_batch_ms: u64,
+    /// Messages behind the high watermarks, summed over assigned partitions (librdkafka's
+    /// statistics, refreshed every 5 s; `None` until the first report).
+    pub lag: Option<i64>,
 }
 
 /// Applies the migrations in `migrations/` (refinery, history in `refinery_schema_history`).
@@ -122,9 +144,22 @@ pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
 struct Ctx {
     assigned: Arc<Mutex<Vec<(i32, i64)>>>,
     database_url: String,
+    /// Total consumer lag from the last statistics report (-1: none yet).
+    lag: Arc<std::sync::atomic::AtomicI64>,
 }
 
-impl ClientContext for Ctx {}
+impl ClientContext for Ctx {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let lag: i64 = statistics
+            .topics
+            .values()
+            .flat_map(|t| t.partitions.values())
+            .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
+            .map(|p| p.consumer_lag)
+            .sum();
+        self.lag.store(lag, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 impl Ctx {
     fn stored_offsets(&self, topic: &str) -> Result<HashMap<i32, i64>, String> {
@@ -469,13 +504,16 @@ pub async fn run(
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "6000")
         .set("heartbeat.interval.ms", "1000")
-        .set("queued.max.messages.kbytes", "65536");
+        .set("queued.max.messages.kbytes", "65536")
+        .set("statistics.interval.ms", "5000");
     for (k, v) in &cfg.librdkafka {
         cc.set(k, v);
     }
+    let lag = Arc::new(std::sync::atomic::AtomicI64::new(-1));
     let consumer: StreamConsumer<Ctx> = cc.create_with_context(Ctx {
         assigned: assigned.clone(),
         database_url: cfg.database_url.clone(),
+        lag: lag.clone(),
     })?;
     consumer.subscribe(&[&cfg.topic])?;
     // Next offset to write per partition, from PostgreSQL; messages below it are written already.
@@ -608,6 +646,9 @@ pub async fn run(
         st.events += ev;
         st.objects += obj;
         st.dead_letters += dead;
+        st.last_batch_ms = started.elapsed().as_millis() as u64;
+        let l = lag.load(std::sync::atomic::Ordering::Relaxed);
+        st.lag = (l >= 0).then_some(l);
         status.send_replace(st.clone());
         tracing::debug!(
             events = ev,

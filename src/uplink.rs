@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, watch};
 use crate::outbox::{Outbox, OutboxReader, Pending};
 
 /// Where the uplink is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     Online,
@@ -63,11 +63,13 @@ pub struct Security {
     pub ssl_key_password_file: Option<PathBuf>,
 }
 
-/// Uplink settings.
+/// Uplink settings (`[uplink]` of the agent's configuration).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct UplinkConfig {
+    /// Bootstrap brokers, `host:port[,host:port]`.
     pub brokers: String,
+    /// Topic the events go to.
     pub topic: String,
     /// `zstd`, `lz4`, `snappy`, `gzip` or `none`.
     pub compression: String,
@@ -94,6 +96,12 @@ pub struct UplinkConfig {
     /// Any other librdkafka producer property, passed through verbatim.
     #[serde(default)]
     pub librdkafka: BTreeMap<String, String>,
+}
+
+impl Default for UplinkConfig {
+    fn default() -> Self {
+        Self::new("127.0.0.1:9092", "edge-vision.events")
+    }
 }
 
 impl UplinkConfig {
@@ -235,7 +243,20 @@ struct Reports {
     tx: mpsc::UnboundedSender<(u64, Outcome)>,
 }
 
-impl ClientContext for Reports {}
+/// Sent on the report channel instead of a seq when librdkafka reports every broker down.
+const LINK_DOWN: u64 = u64::MAX;
+
+impl ClientContext for Reports {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(error, KafkaError::Global(RDKafkaErrorCode::AllBrokersDown)) {
+            let _ = self
+                .tx
+                .send((LINK_DOWN, Outcome::Retry(reason.to_string())));
+        } else {
+            tracing::warn!("librdkafka: {error}: {reason}");
+        }
+    }
+}
 
 impl ProducerContext for Reports {
     type DeliveryOpaque = Box<u64>;
@@ -569,6 +590,13 @@ impl Uplink {
     }
 
     fn resolve(&mut self, seq: u64, outcome: Outcome) -> Result<(), UplinkError> {
+        if seq == LINK_DOWN {
+            // librdkafka lost every broker connection: offline now, not after the message
+            // timeout (in-flight messages still resolve on their own).
+            tracing::debug!("all brokers down");
+            self.failures += 1;
+            return Ok(());
+        }
         if !self.in_flight.remove(&seq) {
             return Ok(()); // a report from a producer we already replaced
         }
@@ -766,6 +794,15 @@ impl Uplink {
         // Probe.
         self.failures = 0;
         self.fill(10)?;
+        if self.in_flight.is_empty() && self.retry.is_empty() {
+            // Nothing to send: a metadata request tells whether the brokers are back.
+            return Ok(if self.metadata_probe() {
+                self.backoff = Duration::from_millis(250);
+                State::Online
+            } else {
+                State::Offline
+            });
+        }
         while !self.in_flight.is_empty() {
             if *stop.borrow() {
                 return Ok(State::ShuttingDown);
@@ -780,6 +817,23 @@ impl Uplink {
             // without epoch bumps: start a fresh one for the next probe.
             self.rebuild("probe failed")?;
             Ok(State::Offline)
+        }
+    }
+
+    /// Asks the cluster for the topic's metadata (at most 2 s): can we reach a broker?
+    fn metadata_probe(&self) -> bool {
+        let ask = || {
+            self.producer
+                .client()
+                .fetch_metadata(
+                    Some(&self.cfg.topic),
+                    Timeout::After(Duration::from_secs(2)),
+                )
+                .is_ok()
+        };
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(ask),
+            _ => ask(),
         }
     }
 

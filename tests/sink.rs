@@ -308,6 +308,8 @@ async fn sigkill_mid_batch_ten_times_exact_counts() {
                 "g",
                 "--database-url",
                 &db,
+                "--metrics-listen",
+                "",
             ])
             .args(extra)
             .stdout(std::process::Stdio::null())

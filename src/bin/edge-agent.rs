@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use edge_vision::detect::{self, Detector, DetectorConfig};
 use edge_vision::event::{Event, FrameSize, ModelRef, Object};
 use edge_vision::outbox::{Durability, Outbox, OutboxConfig};
+use edge_vision::settings;
 use edge_vision::uplink::{self, UplinkConfig, UplinkStatus};
 
 #[derive(Parser)]
@@ -23,9 +24,13 @@ use edge_vision::uplink::{self, UplinkConfig, UplinkStatus};
     about = "Edge vision agent: YOLOv8 detection in Candle"
 )]
 struct Cli {
-    /// Worker threads for inference (default: all cores).
+    /// Worker threads for inference (default: all cores; `run` also reads detector.threads).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Configuration file (default: /etc/edge-agent/agent.toml when it exists). Environment
+    /// variables EDGE_AGENT__SECTION__KEY override it.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -45,6 +50,27 @@ struct ModelArgs {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the agent: frames -> detector -> outbox -> Kafka, until SIGTERM (or the end of a
+    /// finite image source).
+    Run {
+        /// Print one JSON line per committed event (seq, kind, detections, origin).
+        #[arg(long)]
+        progress: bool,
+    },
+    /// List the cameras the system offers.
+    Cameras,
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// The local picture without the agent's help: outbox depth, oldest pending event, last
+    /// delivery, camera and uplink state as the running agent last wrote them.
+    Status {
+        /// Outbox to read (default: outbox.path of the configuration).
+        #[arg(long)]
+        outbox: Option<PathBuf>,
+    },
     /// Detect objects in images.
     Detect {
         #[command(flatten)]
@@ -70,8 +96,13 @@ enum Command {
         #[command(flatten)]
         model: ModelArgs,
         /// Image to run on.
-        #[arg(long)]
-        image: PathBuf,
+        #[arg(long, required_unless_present = "images")]
+        image: Option<PathBuf>,
+        /// Instead of --image: decode every image of this directory (or glob) first, then time
+        /// whole detections (letterbox, forward, NMS) over them: the bare-inference baseline
+        /// for `run`'s pipeline fps.
+        #[arg(long, conflicts_with = "image")]
+        images: Option<String>,
         /// Timed runs.
         #[arg(long, default_value_t = 10)]
         runs: usize,
@@ -91,6 +122,12 @@ enum Command {
         #[command(subcommand)]
         command: OutboxCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration and print the effective values (secrets masked).
+    Check,
 }
 
 #[derive(Subcommand)]
@@ -226,7 +263,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    match run(cli.command) {
+    let config = cli.config.clone();
+    match run(cli.command, config.as_deref(), cli.threads) {
         Ok(code) => ExitCode::from(code),
         Err(Fail(code, e)) => {
             eprintln!("edge-agent: {e:#}");
@@ -249,8 +287,62 @@ fn load(m: &ModelArgs, conf: f32, iou: f32) -> Result<Detector, Fail> {
     })
 }
 
-fn run(command: Command) -> Result<u8, Fail> {
+/// Loads and validates the agent's configuration; errors exit with 2.
+fn load_config(file: Option<&Path>) -> Result<edge_vision::agent::AgentConfig, Fail> {
+    let loaded = settings::load::<edge_vision::agent::AgentConfig>(
+        settings::AGENT,
+        file,
+        &settings::process_env(),
+    )
+    .map_err(|e| Fail(2, e.into()))?;
+    let origin = match &loaded.file {
+        Some(f) if loaded.env_vars.is_empty() => format!("file {}", f.display()),
+        Some(f) => format!(
+            "file {} or environment {}",
+            f.display(),
+            loaded.env_vars.join(", ")
+        ),
+        None if loaded.env_vars.is_empty() => "embedded defaults".into(),
+        None => format!("environment {}", loaded.env_vars.join(", ")),
+    };
+    loaded
+        .config
+        .validate(&origin)
+        .map_err(|e| Fail(2, e.into()))?;
+    Ok(loaded.config)
+}
+
+fn run(command: Command, config: Option<&Path>, threads: Option<usize>) -> Result<u8, Fail> {
     match command {
+        Command::Run { progress } => run_agent(config, threads, progress),
+        Command::Cameras => {
+            let cams = edge_vision::source::list_cameras()
+                .map_err(|e| Fail(1, anyhow::anyhow!("listing cameras: {e}")))?;
+            if cams.is_empty() {
+                eprintln!("edge-agent: no cameras found");
+            }
+            for c in cams {
+                println!("{c}");
+            }
+            Ok(0)
+        }
+        Command::Config {
+            command: ConfigCommand::Check,
+        } => {
+            let cfg = load_config(config)?;
+            let text = settings::printable(&cfg)
+                .map_err(|e| Fail(1, anyhow::anyhow!("printing the configuration: {e}")))?;
+            println!("{text}");
+            eprintln!("edge-agent: configuration is valid");
+            Ok(0)
+        }
+        Command::Status { outbox } => {
+            let path = match outbox {
+                Some(p) => p,
+                None => load_config(config)?.outbox.path,
+            };
+            status(&path)
+        }
         Command::Detect {
             model,
             conf,
@@ -287,11 +379,16 @@ fn run(command: Command) -> Result<u8, Fail> {
         Command::Bench {
             model,
             image,
+            images,
             runs,
             warmup,
             json,
         } => {
             let det = load(&model, 0.25, 0.45)?;
+            if let Some(pattern) = images {
+                return bench_frames(&det, &pattern, runs);
+            }
+            let image = image.ok_or_else(|| Fail(2, anyhow::anyhow!("--image or --images")))?;
             let img =
                 detect::image_io::load_image(&image, det.config().max_pixels).map_err(input)?;
             let (tensor, _) = det.prepare(&img)?;
@@ -728,4 +825,148 @@ fn print_result(path: &Path, r: &detect::ImageResult, json: bool) -> Result<(), 
         }
     }
     Ok(())
+}
+
+/// `edge-agent run`.
+fn run_agent(config: Option<&Path>, threads: Option<usize>, progress: bool) -> Result<u8, Fail> {
+    let cfg = load_config(config)?;
+    let device_id = cfg
+        .resolve_device_id(Path::new("/etc/machine-id"))
+        .map_err(|e| Fail(2, e.into()))?;
+    if threads.is_none() && cfg.detector.threads > 0 {
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.detector.threads)
+            .build_global()
+        {
+            return Err(Fail(2, anyhow::anyhow!("detector.threads: {e}")));
+        }
+    }
+    let source = edge_vision::agent::source_factory(&cfg).map_err(|e| match e {
+        edge_vision::source::SourceError::Config(_) => Fail(2, e.into()),
+        other => Fail(1, other.into()),
+    })?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Signals on their own small thread: the pipeline's runtime is inside `run`.
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let Ok(mut term) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                else {
+                    return;
+                };
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                let _ = stop_tx.send(true);
+            });
+        })?;
+    let watchdog = edge_vision::notify::watchdog_interval();
+    let on_commit: Option<edge_vision::agent::CommitHook> = if progress {
+        Some(Box::new(|lines: &[edge_vision::agent::Committed]| {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            for l in lines {
+                if let Ok(s) = serde_json::to_string(l) {
+                    let _ = writeln!(out, "{s}");
+                }
+            }
+            let _ = out.flush();
+        }))
+    } else {
+        None
+    };
+    let stall_after = Some(cfg.watchdog.stall_ms)
+        .filter(|ms| *ms > 0)
+        .map(std::time::Duration::from_millis)
+        .or(watchdog)
+        .unwrap_or(std::time::Duration::from_secs(60));
+    let control = edge_vision::agent::Control {
+        stop: stop_rx,
+        on_commit,
+        notifier: edge_vision::notify::Notifier::from_env(),
+        heartbeat: watchdog
+            .map(|w| w / 2)
+            .unwrap_or(std::time::Duration::from_secs(1))
+            .min(stall_after / 2)
+            .max(std::time::Duration::from_millis(50)),
+        stall_after,
+    };
+    let report = edge_vision::agent::run(cfg, device_id, source, control)
+        .map_err(|e| Fail(e.exit_code(), e.into()))?;
+    eprintln!("{}", serde_json::to_string(&report)?);
+    Ok(0)
+}
+
+/// `edge-agent status`.
+fn status(path: &Path) -> Result<u8, Fail> {
+    if !path.exists() {
+        return Err(Fail(3, anyhow::anyhow!("no outbox at {}", path.display())));
+    }
+    let ob = open_outbox(path, u64::MAX / 4, Durability::Full, "status")?;
+    let st = ob.stats()?;
+    let now = chrono::Utc::now().timestamp_millis();
+    let age = |t: Option<i64>| t.map(|t| (now - t) as f64 / 1000.0);
+    let state: Option<edge_vision::agent::AgentState> =
+        std::fs::read(edge_vision::agent::state_file_path(path))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+    let running = state.as_ref().is_some_and(|s| {
+        now - s.updated_ms < 15_000 && Path::new(&format!("/proc/{}", s.pid)).exists()
+    });
+    let out = serde_json::json!({
+        "outbox": path.display().to_string(),
+        "depth": st.depth,
+        "file_bytes": st.file_bytes,
+        "oldest_pending_age_s": age(st.oldest_created_ms),
+        "last_delivery_age_s": age(st.last_ack_ms),
+        "evictions": st.evictions,
+        "dead_letters": st.dead_letters,
+        "agent_running": running,
+        "source_up": state.as_ref().map(|s| s.source_up),
+        "uplink_state": state.as_ref().and_then(|s| s.uplink_state),
+        "state_age_s": state.as_ref().map(|s| (now - s.updated_ms) as f64 / 1000.0),
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(0)
+}
+
+/// `bench --images`: whole detections over decoded frames, `passes` times over the set.
+fn bench_frames(det: &Detector, pattern: &str, passes: usize) -> Result<u8, Fail> {
+    let files = edge_vision::source::list_images(pattern).map_err(|e| Fail(2, e.into()))?;
+    let frames: Vec<_> = files
+        .iter()
+        .map(|f| detect::image_io::load_image(f, det.config().max_pixels).map_err(input))
+        .collect::<Result<_, _>>()?;
+    if frames.is_empty() {
+        return Err(Fail(2, anyhow::anyhow!("no images match {pattern}")));
+    }
+    det.detect(&frames[0]).map_err(input)?; // warm-up
+    let start = Instant::now();
+    let mut n = 0u64;
+    for _ in 0..passes.max(1) {
+        for f in &frames {
+            det.detect(f).map_err(input)?;
+            n += 1;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "frames": n,
+            "seconds": round2(secs),
+            "fps": round2(n as f64 / secs),
+            "threads": rayon::current_num_threads(),
+        })
+    );
+    Ok(0)
 }

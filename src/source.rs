@@ -1,0 +1,606 @@
+//! Frame sources: one trait, three kinds.
+//!
+//! * [`ImageFiles`] — a directory or a glob of JPEG/PNG files, sorted by name, optionally
+//!   looped and paced to a frame rate (tests, demos, replaying recordings);
+//! * [`Synthetic`] — a moving test pattern, no files needed;
+//! * [`Camera`] — a V4L2 camera through `nokhwa`, MJPEG or YUYV, decoded here
+//!   ([`decode_mjpeg`], [`decode_yuyv`]) so that webcam MJPEG without Huffman tables and
+//!   limited-range YUYV are handled the same on every target.
+//!
+//! A source returns [`SourceError::Unavailable`] when the device is gone (unplugged, read
+//! error); the capture stage then drops it, backs off and calls [`FrameSource::reopen`] until
+//! it works again. A frame that cannot be decoded is [`SourceError::BadFrame`]: counted and
+//! skipped. [`SourceError::Ended`] only comes from a finite, non-looping file source.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use image::{DynamicImage, RgbImage};
+
+/// One captured frame.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub image: DynamicImage,
+    /// When the frame was captured (the event's `captured_at`).
+    pub captured_at: DateTime<Utc>,
+    /// Frame number within this source's life (0-based).
+    pub index: u64,
+    /// Where it came from: a file name, `camera:/dev/video0`, `synthetic`.
+    pub origin: String,
+    /// The event id this frame's event will carry (UUIDv7, made at capture).
+    pub id: uuid::Uuid,
+}
+
+/// Why no frame came.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The device is gone or failing; retry later with [`FrameSource::reopen`].
+    #[error("source unavailable: {0}")]
+    Unavailable(String),
+    /// This one frame is unusable; the next may be fine.
+    #[error("bad frame from {origin}: {reason}")]
+    BadFrame { origin: String, reason: String },
+    /// A finite source has no more frames.
+    #[error("source ended")]
+    Ended,
+    /// The source cannot work with this configuration at all (no files match, bad format).
+    #[error("source configuration: {0}")]
+    Config(String),
+}
+
+/// Something that produces frames. Blocking; lives on the capture thread (not `Send`: camera
+/// handles are not), which is why the pipeline takes a [`SourceFactory`].
+pub trait FrameSource {
+    /// The next frame (paced by the source where it has a frame rate).
+    fn next_frame(&mut self) -> Result<Frame, SourceError>;
+    /// Tries to get the device back after [`SourceError::Unavailable`].
+    fn reopen(&mut self) -> Result<(), SourceError> {
+        Ok(())
+    }
+    /// For logs and health events.
+    fn describe(&self) -> String;
+}
+
+/// Builds a source on the capture thread.
+pub type SourceFactory = Box<dyn FnOnce() -> Result<Box<dyn FrameSource>, SourceError> + Send>;
+
+/// Sleeps so that frames come at most `fps` per second (0 = no pacing).
+#[derive(Debug)]
+struct Pacer {
+    period: Option<Duration>,
+    next: Option<Instant>,
+}
+
+impl Pacer {
+    fn new(fps: f64) -> Self {
+        Self {
+            period: (fps > 0.0).then(|| Duration::from_secs_f64(1.0 / fps)),
+            next: None,
+        }
+    }
+
+    fn wait(&mut self) {
+        let Some(period) = self.period else { return };
+        let now = Instant::now();
+        let next = self.next.unwrap_or(now);
+        if next > now {
+            std::thread::sleep(next - now);
+        }
+        // Do not try to catch up after a stall: pace from now on.
+        self.next = Some(next.max(now) + period);
+    }
+}
+
+/// Files from a directory (every .jpg/.jpeg/.png) or a glob whose file-name part may hold `*`
+/// and `?`.
+pub struct ImageFiles {
+    files: Vec<PathBuf>,
+    pos: usize,
+    repeat: bool,
+    pacer: Pacer,
+    index: u64,
+    /// Decoder's pixel limit (refuses decompression bombs).
+    max_pixels: u64,
+    pattern: String,
+}
+
+impl ImageFiles {
+    pub fn open(
+        pattern: &str,
+        repeat: bool,
+        fps: f64,
+        max_pixels: u64,
+    ) -> Result<Self, SourceError> {
+        let files = list_images(pattern)?;
+        if files.is_empty() {
+            return Err(SourceError::Config(format!("no images match {pattern}")));
+        }
+        Ok(Self {
+            files,
+            pos: 0,
+            repeat,
+            pacer: Pacer::new(fps),
+            index: 0,
+            max_pixels,
+            pattern: pattern.to_string(),
+        })
+    }
+
+    /// The files in the order they will be read.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+}
+
+/// Lists the images a pattern names, sorted.
+pub fn list_images(pattern: &str) -> Result<Vec<PathBuf>, SourceError> {
+    let path = Path::new(pattern);
+    let (dir, name_pattern) = if path.is_dir() {
+        (path.to_path_buf(), None)
+    } else {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| SourceError::Config(format!("{pattern} names no files")))?;
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        (dir.to_path_buf(), Some(name))
+    };
+    let entries = std::fs::read_dir(&dir)
+        .map_err(|e| SourceError::Config(format!("cannot list {}: {e}", dir.display())))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        // Not only regular files: a FIFO or device node is read like a file (and may block).
+        .filter(|p| !p.is_dir())
+        .filter(|p| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            match &name_pattern {
+                Some(pat) => wildcard(pat, &name),
+                None => {
+                    let lower = name.to_ascii_lowercase();
+                    lower.ends_with(".jpg") || lower.ends_with(".jpeg") || lower.ends_with(".png")
+                }
+            }
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// `*` and `?` matching over bytes.
+fn wildcard(pattern: &str, name: &str) -> bool {
+    let (p, n) = (pattern.as_bytes(), name.as_bytes());
+    let (mut pi, mut ni) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == b'?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == b'*' {
+            star = Some(pi);
+            pi += 1;
+            mark = ni;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ni = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == b'*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+impl FrameSource for ImageFiles {
+    fn next_frame(&mut self) -> Result<Frame, SourceError> {
+        if self.pos >= self.files.len() {
+            if !self.repeat {
+                return Err(SourceError::Ended);
+            }
+            self.pos = 0;
+        }
+        let path = self.files[self.pos].clone();
+        self.pos += 1;
+        self.pacer.wait();
+        let index = self.index;
+        self.index += 1;
+        let origin = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let image = crate::detect::image_io::load_image(&path, self.max_pixels).map_err(|e| {
+            SourceError::BadFrame {
+                origin: origin.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(Frame {
+            image,
+            captured_at: Utc::now(),
+            index,
+            origin,
+            id: uuid::Uuid::now_v7(),
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("images {} ({} files)", self.pattern, self.files.len())
+    }
+}
+
+/// A moving gradient with a bright square: cheap, deterministic, no files.
+pub struct Synthetic {
+    width: u32,
+    height: u32,
+    pacer: Pacer,
+    index: u64,
+}
+
+impl Synthetic {
+    pub fn new(width: u32, height: u32, fps: f64) -> Self {
+        Self {
+            width: width.max(16),
+            height: height.max(16),
+            pacer: Pacer::new(fps),
+            index: 0,
+        }
+    }
+}
+
+impl FrameSource for Synthetic {
+    fn next_frame(&mut self) -> Result<Frame, SourceError> {
+        self.pacer.wait();
+        let t = self.index;
+        self.index += 1;
+        let (w, h) = (self.width, self.height);
+        let side = (w.min(h) / 4).max(4);
+        let sx = (t as u32 * 7) % (w - side);
+        let sy = (t as u32 * 3) % (h - side);
+        let img = RgbImage::from_fn(w, h, |x, y| {
+            if x >= sx && x < sx + side && y >= sy && y < sy + side {
+                image::Rgb([240, 240, 240])
+            } else {
+                image::Rgb([
+                    ((x + t as u32) % 256) as u8,
+                    ((y * 255) / h) as u8,
+                    (t % 256) as u8,
+                ])
+            }
+        });
+        Ok(Frame {
+            image: DynamicImage::ImageRgb8(img),
+            captured_at: Utc::now(),
+            index: t,
+            origin: "synthetic".into(),
+            id: uuid::Uuid::now_v7(),
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("synthetic {}x{}", self.width, self.height)
+    }
+}
+
+/// Pixel formats a camera can be asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PixelFormat {
+    /// MJPEG if the camera offers it (less USB bandwidth), else YUYV.
+    Auto,
+    Mjpeg,
+    Yuyv,
+}
+
+/// Decodes one YUYV 4:2:2 frame (V4L2 `YUYV`, BT.601 limited range) to RGB.
+pub fn decode_yuyv(data: &[u8], width: u32, height: u32) -> Result<RgbImage, String> {
+    let (w, h) = (width as usize, height as usize);
+    if w == 0 || h == 0 || w % 2 != 0 {
+        return Err(format!("YUYV needs an even, non-zero width, got {w}x{h}"));
+    }
+    let need = w * h * 2;
+    if data.len() < need {
+        return Err(format!(
+            "YUYV frame {w}x{h} needs {need} bytes, got {}",
+            data.len()
+        ));
+    }
+    let mut out = vec![0u8; w * h * 3];
+    for (src, dst) in data[..need].chunks_exact(4).zip(out.chunks_exact_mut(6)) {
+        let (y0, u, y1, v) = (src[0], src[1], src[2], src[3]);
+        let d = u as i32 - 128;
+        let e = v as i32 - 128;
+        for (k, y) in [y0, y1].into_iter().enumerate() {
+            // Integer BT.601: 298/256 = 1.164, 409 = 1.596, 100 = 0.392, 208 = 0.813, 516 = 2.017.
+            let c = 298 * (y as i32 - 16);
+            let clamp = |v: i32| ((v + 128) >> 8).clamp(0, 255) as u8;
+            dst[k * 3] = clamp(c + 409 * e);
+            dst[k * 3 + 1] = clamp(c - 100 * d - 208 * e);
+            dst[k * 3 + 2] = clamp(c + 516 * d);
+        }
+    }
+    RgbImage::from_raw(width, height, out).ok_or_else(|| "YUYV buffer size".to_string())
+}
+
+/// Decodes one MJPEG frame. Many webcams leave out the Huffman tables (they are implied by the
+/// MJPEG format); the standard ones (JPEG Annex K) are inserted before the scan when missing.
+pub fn decode_mjpeg(data: &[u8], max_pixels: u64) -> Result<DynamicImage, String> {
+    if data.len() < 4 || data[0] != 0xFF || data[1] != 0xD8 {
+        return Err("not a JPEG frame (no SOI marker)".into());
+    }
+    let patched;
+    let bytes = match missing_dht_insert_at(data) {
+        Some(at) => {
+            let mut v = Vec::with_capacity(data.len() + 432);
+            v.extend_from_slice(&data[..at]);
+            v.extend_from_slice(&standard_dht());
+            v.extend_from_slice(&data[at..]);
+            patched = v;
+            &patched[..]
+        }
+        None => data,
+    };
+    crate::detect::image_io::decode_image(bytes, Path::new("mjpeg frame"), max_pixels)
+        .map_err(|e| e.to_string())
+}
+
+/// Where to insert a DHT segment: the SOS marker's offset, if no DHT comes before it.
+fn missing_dht_insert_at(data: &[u8]) -> Option<usize> {
+    let mut i = 2;
+    while i + 4 <= data.len() {
+        if data[i] != 0xFF {
+            return None;
+        }
+        let marker = data[i + 1];
+        match marker {
+            0xC4 => return None,
+            0xDA => return Some(i),
+            0xD8 | 0x01 | 0xD0..=0xD7 => i += 2,
+            0xFF => i += 1,
+            _ => {
+                let len = u16::from_be_bytes([data[i + 2], data[i + 3]]) as usize;
+                i += 2 + len;
+            }
+        }
+    }
+    None
+}
+
+/// The four standard Huffman tables of JPEG Annex K.3, as one DHT segment.
+fn standard_dht() -> Vec<u8> {
+    const DC_LUMA_BITS: [u8; 16] = [0, 1, 5, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0];
+    const DC_CHROMA_BITS: [u8; 16] = [0, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0];
+    const DC_VALS: [u8; 12] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11];
+    const AC_LUMA_BITS: [u8; 16] = [0, 2, 1, 3, 3, 2, 4, 3, 5, 5, 4, 4, 0, 0, 1, 0x7d];
+    const AC_LUMA_VALS: [u8; 162] = [
+        0x01, 0x02, 0x03, 0x00, 0x04, 0x11, 0x05, 0x12, 0x21, 0x31, 0x41, 0x06, 0x13, 0x51, 0x61,
+        0x07, 0x22, 0x71, 0x14, 0x32, 0x81, 0x91, 0xa1, 0x08, 0x23, 0x42, 0xb1, 0xc1, 0x15, 0x52,
+        0xd1, 0xf0, 0x24, 0x33, 0x62, 0x72, 0x82, 0x09, 0x0a, 0x16, 0x17, 0x18, 0x19, 0x1a, 0x25,
+        0x26, 0x27, 0x28, 0x29, 0x2a, 0x34, 0x35, 0x36, 0x37, 0x38, 0x39, 0x3a, 0x43, 0x44, 0x45,
+        0x46, 0x47, 0x48, 0x49, 0x4a, 0x53, 0x54, 0x55, 0x56, 0x57, 0x58, 0x59, 0x5a, 0x63, 0x64,
+        0x65, 0x66, 0x67, 0x68, 0x69, 0x6a, 0x73, 0x74, 0x75, 0x76, 0x77, 0x78, 0x79, 0x7a, 0x83,
+        0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8a, 0x92, 0x93, 0x94, 0x95, 0x96, 0x97, 0x98, 0x99,
+        0x9a, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0xa7, 0xa8, 0xa9, 0xaa, 0xb2, 0xb3, 0xb4, 0xb5, 0xb6,
+        0xb7, 0xb8, 0xb9, 0xba, 0xc2, 0xc3, 0xc4, 0xc5, 0xc6, 0xc7, 0xc8, 0xc9, 0xca, 0xd2, 0xd3,
+        0xd4, 0xd5, 0xd6, 0xd7, 0xd8, 0xd9, 0xda, 0xe1, 0xe2, 0xe3, 0xe4, 0xe5, 0xe6, 0xe7, 0xe8,
+        0xe9, 0xea, 0xf1, 0xf2, 0xf3, 0xf4, 0xf5, 0xf6, 0xf7, 0xf8, 0xf9, 0xfa,
+    ];
+    const AC_CHROMA_BITS: [u8; 16] = [0, 2, 1, 2, 4, 4, 3, 4, 7, 5, 4, 4, 0, 1, 2, 0x77];
+    const AC_CHROMA_VALS: [u8; 162] = [
+        0x00, 0x01, 0x02, 0x03, 0x11, 0x04, 0x05, 0x21, 0x31, 0x06, 0x12, 0x41, 0x51, 0x07, 0x61,
+        0x71, 0x13, 0x22, 0x32, 0x81, 0x08, 0x14, 0x42, 0x91, 0xa1, 0xb1, 0xc1, 0x09, 0x23, 0x33,
+        0x52, 0xf0, 0x15, 0x62, 0x72, 0xd1, 0x0a, 0x16, 0x24, 0x34, 0xe1, 0x25, 0xf1, 0x17, 0x18,
+        0x19, 0x1a, 0x26, 0x27, 0x28, 0x29, 0x2a, 0x35, 0x36, 0x37, 0x38, 0x39, 0x3a, 0x43, 0x44,
+        0x45, 0x46, 0x47, 0x48, 0x49, 0x4a, 0x53, 0x54, 0x55, 0x56, 0x57, 0x58, 0x59, 0x5a, 0x63,
+        0x64, 0x65, 0x66, 0x67, 0x68, 0x69, 0x6a, 0x73, 0x74, 0x75, 0x76, 0x77, 0x78, 0x79, 0x7a,
+        0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8a, 0x92, 0x93, 0x94, 0x95, 0x96, 0x97,
+        0x98, 0x99, 0x9a, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0xa7, 0xa8, 0xa9, 0xaa, 0xb2, 0xb3, 0xb4,
+        0xb5, 0xb6, 0xb7, 0xb8, 0xb9, 0xba, 0xc2, 0xc3, 0xc4, 0xc5, 0xc6, 0xc7, 0xc8, 0xc9, 0xca,
+        0xd2, 0xd3, 0xd4, 0xd5, 0xd6, 0xd7, 0xd8, 0xd9, 0xda, 0xe2, 0xe3, 0xe4, 0xe5, 0xe6, 0xe7,
+        0xe8, 0xe9, 0xea, 0xf2, 0xf3, 0xf4, 0xf5, 0xf6, 0xf7, 0xf8, 0xf9, 0xfa,
+    ];
+    let tables: [(u8, &[u8; 16], &[u8]); 4] = [
+        (0x00, &DC_LUMA_BITS, &DC_VALS),
+        (0x10, &AC_LUMA_BITS, &AC_LUMA_VALS),
+        (0x01, &DC_CHROMA_BITS, &DC_VALS),
+        (0x11, &AC_CHROMA_BITS, &AC_CHROMA_VALS),
+    ];
+    let body: usize = tables.iter().map(|(_, _, v)| 17 + v.len()).sum();
+    let mut seg = vec![0xFF, 0xC4];
+    seg.extend_from_slice(&((body + 2) as u16).to_be_bytes());
+    for (class_id, bits, vals) in tables {
+        seg.push(class_id);
+        seg.extend_from_slice(bits);
+        seg.extend_from_slice(vals);
+    }
+    seg
+}
+
+/// A V4L2 camera through nokhwa.
+pub struct Camera {
+    /// `/dev/videoN` or an index.
+    device: String,
+    width: u32,
+    height: u32,
+    fps: u32,
+    format: PixelFormat,
+    max_pixels: u64,
+    /// Open stream; `None` while the device is gone.
+    cam: Option<nokhwa::Camera>,
+    index: u64,
+}
+
+impl Camera {
+    /// Does not touch the device yet: the first [`FrameSource::next_frame`] opens it, so a
+    /// camera that is unplugged at start-up is retried like one unplugged later.
+    pub fn new(
+        device: &str,
+        width: u32,
+        height: u32,
+        fps: f64,
+        format: PixelFormat,
+        max_pixels: u64,
+    ) -> Result<Self, SourceError> {
+        camera_index(device)?;
+        Ok(Self {
+            device: device.to_string(),
+            width,
+            height,
+            fps: fps.round().max(1.0) as u32,
+            format,
+            max_pixels,
+            cam: None,
+            index: 0,
+        })
+    }
+
+    fn open(&mut self) -> Result<(), SourceError> {
+        use nokhwa::utils::{
+            CameraFormat, FrameFormat, RequestedFormat, RequestedFormatType, Resolution,
+        };
+        let index = camera_index(&self.device)?;
+        let fourcc = match self.format {
+            PixelFormat::Yuyv => FrameFormat::YUYV,
+            PixelFormat::Mjpeg | PixelFormat::Auto => FrameFormat::MJPEG,
+        };
+        let want = CameraFormat::new(Resolution::new(self.width, self.height), fourcc, self.fps);
+        let requested = RequestedFormat::new::<nokhwa::pixel_format::RgbFormat>(
+            RequestedFormatType::Closest(want),
+        );
+        let mut cam = nokhwa::Camera::new(index, requested)
+            .map_err(|e| SourceError::Unavailable(format!("{}: {e}", self.device)))?;
+        cam.open_stream()
+            .map_err(|e| SourceError::Unavailable(format!("{}: {e}", self.device)))?;
+        tracing::info!(camera = %self.device, format = %cam.camera_format(), "camera open");
+        self.cam = Some(cam);
+        Ok(())
+    }
+}
+
+/// `/dev/video3` -> index 3; `3` -> 3; anything else is a configuration error.
+pub fn camera_index(device: &str) -> Result<nokhwa::utils::CameraIndex, SourceError> {
+    let digits = device.strip_prefix("/dev/video").unwrap_or(device);
+    digits
+        .parse::<u32>()
+        .map(nokhwa::utils::CameraIndex::Index)
+        .map_err(|_| {
+            SourceError::Config(format!(
+                "camera must be an index or /dev/videoN, not {device:?}"
+            ))
+        })
+}
+
+impl FrameSource for Camera {
+    fn next_frame(&mut self) -> Result<Frame, SourceError> {
+        if self.cam.is_none() {
+            self.open()?;
+        }
+        let Some(cam) = self.cam.as_mut() else {
+            return Err(SourceError::Unavailable(self.device.clone()));
+        };
+        let buf = match cam.frame() {
+            Ok(b) => b,
+            Err(e) => {
+                self.cam = None;
+                return Err(SourceError::Unavailable(format!("{}: {e}", self.device)));
+            }
+        };
+        let res = buf.resolution();
+        let origin = format!("camera:{}", self.device);
+        let image = match buf.source_frame_format() {
+            nokhwa::utils::FrameFormat::MJPEG => decode_mjpeg(buf.buffer(), self.max_pixels),
+            nokhwa::utils::FrameFormat::YUYV => {
+                decode_yuyv(buf.buffer(), res.width(), res.height()).map(DynamicImage::ImageRgb8)
+            }
+            nokhwa::utils::FrameFormat::RAWRGB => {
+                RgbImage::from_raw(res.width(), res.height(), buf.buffer().to_vec())
+                    .map(DynamicImage::ImageRgb8)
+                    .ok_or_else(|| "short RGB frame".to_string())
+            }
+            other => Err(format!("unsupported pixel format {other}")),
+        }
+        .map_err(|reason| SourceError::BadFrame {
+            origin: origin.clone(),
+            reason,
+        })?;
+        let index = self.index;
+        self.index += 1;
+        Ok(Frame {
+            image,
+            captured_at: Utc::now(),
+            index,
+            origin,
+            id: uuid::Uuid::now_v7(),
+        })
+    }
+
+    fn reopen(&mut self) -> Result<(), SourceError> {
+        self.cam = None;
+        self.open()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "camera {} {}x{}@{} {:?}",
+            self.device, self.width, self.height, self.fps, self.format
+        )
+    }
+}
+
+/// One line per camera the system offers (`edge-agent cameras`).
+pub fn list_cameras() -> Result<Vec<String>, String> {
+    let cams = nokhwa::query(nokhwa::utils::ApiBackend::Auto).map_err(|e| e.to_string())?;
+    Ok(cams
+        .iter()
+        .map(|c| format!("{}\t{}\t{}", c.index(), c.human_name(), c.description()))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcards() {
+        assert!(wildcard("*.jpg", "bus.jpg"));
+        assert!(wildcard("frame-??.png", "frame-07.png"));
+        assert!(!wildcard("frame-??.png", "frame-7.png"));
+        assert!(!wildcard("*.jpg", "bus.jpeg"));
+        assert!(wildcard("*", "x"));
+    }
+
+    #[test]
+    fn camera_names() {
+        assert!(camera_index("/dev/video2").is_ok());
+        assert!(camera_index("0").is_ok());
+        assert!(matches!(
+            camera_index("/dev/sda"),
+            Err(SourceError::Config(_))
+        ));
+    }
+
+    #[test]
+    fn yuyv_rejects_short_buffers_and_odd_widths() {
+        assert!(decode_yuyv(&[0; 10], 4, 4).is_err());
+        assert!(decode_yuyv(&[0; 64], 3, 4).is_err());
+        let grey = decode_yuyv(&[126, 128, 126, 128], 2, 1).unwrap();
+        assert_eq!(grey.get_pixel(0, 0).0, [128, 128, 128]);
+    }
+
+    #[test]
+    fn synthetic_frames_move() {
+        let mut s = Synthetic::new(64, 48, 0.0);
+        let a = s.next_frame().unwrap();
+        let b = s.next_frame().unwrap();
+        assert_eq!((a.index, b.index), (0, 1));
+        assert_ne!(a.image.to_rgb8().into_raw(), b.image.to_rgb8().into_raw());
+    }
+}
