@@ -113,6 +113,8 @@ pub struct SinkStatus {
     /// Times the broker skipped offsets and the sink re-read from further back.
     pub gap_rereads: u64,
     pub db_retries: u64,
+    /// Consumer errors (broker unreachable, transport) that were waited out.
+    pub broker_errors: u64,
     /// Wall time of the last batch's transaction, in milliseconds.
     pub last_batch_ms: u64,
     /// Messages behind the high watermarks, summed over assigned partitions (librdkafka's
@@ -538,7 +540,19 @@ pub async fn run(
             };
             tokio::select! {
                 m = consumer.recv() => {
-                    let m = m?;
+                    let m = match m {
+                        Ok(m) => m,
+                        Err(e) => {
+                            // Broker down, transport errors: librdkafka reconnects by itself.
+                            // Keep the batch so far and keep polling; offsets only move with
+                            // rows in PostgreSQL, so nothing is lost or doubled.
+                            st.broker_errors += 1;
+                            status.send_replace(st.clone());
+                            tracing::warn!(error = %e, "consumer error; retrying");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            continue;
+                        }
+                    };
                     for (p, o) in take_assignments(&assigned) {
                         next.insert(p, o);
                     }

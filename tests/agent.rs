@@ -572,8 +572,9 @@ async fn frames_to_postgres_through_two_cuts_and_a_sigkill() {
             "--metrics-listen",
             "",
         ])
+        .env("RUST_LOG", "edge_vision=debug,librdkafka=warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("sink.log")).unwrap())
         .spawn()
         .unwrap();
     let config = agent_config(
@@ -629,10 +630,14 @@ async fn frames_to_postgres_through_two_cuts_and_a_sigkill() {
     }
     let _ = sink.kill();
     let _ = sink.wait();
+    let sink_log = std::fs::read_to_string(dir.path().join("sink.log")).unwrap_or_default();
+    let tail: Vec<&str> = sink_log.lines().rev().take(40).collect();
     assert_eq!(
         got,
         vec![total, total, 1, total],
-        "rows, distinct seqs, min, max"
+        "rows, distinct seqs, min, max\nagent run 2 stderr:\n{}\nsink log (last lines, newest first):\n{}",
+        second.stderr.lock().unwrap(),
+        tail.join("\n")
     );
 
     // Detection rows: each reported event with its reported number of objects.

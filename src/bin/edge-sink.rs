@@ -101,7 +101,7 @@ async fn serve_metrics(
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
     let registry = std::sync::Arc::new(Registry::default());
-    let fields: [Field; 7] = [
+    let fields: [Field; 8] = [
         ("edge_sink_events_total", "Event rows written.", |s| {
             s.events as f64
         }),
@@ -120,6 +120,11 @@ async fn serve_metrics(
             "edge_sink_db_retries_total",
             "Batch writes retried after a database error.",
             |s| s.db_retries as f64,
+        ),
+        (
+            "edge_sink_broker_errors_total",
+            "Consumer errors waited out (broker unreachable, transport).",
+            |s| s.broker_errors as f64,
         ),
         (
             "edge_sink_gap_rereads_total",
