@@ -21,6 +21,13 @@ step "Kafka-protocol broker for the test rig (tansu, cached outside the clone)"
 TANSU="$(bash scripts/broker.sh install)"
 export TANSU
 
+step "packaging and device tools (cargo-deb, cross toolchain for aarch64/armv7, systemd-analyze)"
+TOOLS="${EDGE_VISION_CACHE:-$HOME/.cache/edge-vision}/tools"
+[ -x "$TOOLS/bin/cargo-deb" ] || cargo install cargo-deb --version 3.8.0 --locked --root "$TOOLS"
+bash cross/build.sh setup
+command -v systemd-analyze >/dev/null || { apt-get update -qq && apt-get install -y -qq systemd; }
+command -v clang >/dev/null || { apt-get update -qq && apt-get install -y -qq clang libclang-dev; }
+
 step "PostgreSQL on 127.0.0.1:5432 (the sink's tests)"
 bash scripts/postgres.sh
 

@@ -405,7 +405,7 @@ struct AgentMetrics {
     first_event_ms: AtomicI64,
 }
 
-fn pipeline_fps(m: &AgentMetrics, _t0: Instant) -> f64 {
+fn pipeline_fps(m: &AgentMetrics) -> f64 {
     let (a, b) = (
         m.first_processed_ms.load(Ordering::Relaxed),
         m.last_processed_ms.load(Ordering::Relaxed),
@@ -881,7 +881,7 @@ pub fn run(
         events_enqueued: m.events.get(),
         detections: m.detections.snapshot().values().sum(),
         seconds: (secs * 1000.0).round() / 1000.0,
-        pipeline_fps: pipeline_fps(&m, t0),
+        pipeline_fps: pipeline_fps(&m),
         first_detection_ms: u64::try_from(m.first_event_ms.load(Ordering::Relaxed)).ok(),
         uplink: uplink_status,
         outbox_depth,

@@ -299,6 +299,139 @@ const UPSERT_OFFSET: &str = "INSERT INTO sink_offsets (kafka_topic, kafka_partit
 const SELECT_OFFSETS: &str =
     "SELECT kafka_partition, next_offset FROM sink_offsets WHERE kafka_topic = $1";
 
+/// COPY BINARY of events and their objects through the given COPY statements (staging tables
+/// for the sink, the real tables for the baseline).
+async fn copy_rows<'a, I>(
+    tx: &tokio_postgres::Transaction<'_>,
+    copy_events: &str,
+    copy_objects: &str,
+    topic: &str,
+    rows: I,
+) -> Result<(u64, u64), tokio_postgres::Error>
+where
+    I: Iterator<Item = (&'a Event, i32, i64)> + Clone,
+{
+    let mut n_ev = 0u64;
+    let mut n_obj = 0u64;
+    {
+        let sink = tx.copy_in(copy_events).await?;
+        let types = [
+            Type::UUID,
+            Type::TEXT,
+            Type::INT8,
+            Type::TIMESTAMPTZ,
+            Type::TEXT,
+            Type::TEXT,
+            Type::TEXT,
+            Type::INT4,
+            Type::INT4,
+            Type::INT4,
+            Type::TEXT,
+            Type::INT4,
+            Type::INT8,
+        ];
+        let w = BinaryCopyInWriter::new(sink, &types);
+        pin_mut!(w);
+        for (ev, partition, offset) in rows.clone() {
+            let (mn, ms) = match &ev.model {
+                Some(m) => (Some(m.name.as_str()), Some(m.sha256.as_str())),
+                None => (None, None),
+            };
+            let (fw, fh) = match ev.frame {
+                Some(f) => (Some(f.width as i32), Some(f.height as i32)),
+                None => (None, None),
+            };
+            w.as_mut()
+                .write(&[
+                    &ev.event_id,
+                    &ev.device_id,
+                    &(ev.seq as i64),
+                    &ev.captured_at,
+                    &ev.kind.as_str(),
+                    &mn,
+                    &ms,
+                    &fw,
+                    &fh,
+                    &(ev.detections.len() as i32),
+                    &topic,
+                    &partition,
+                    &offset,
+                ])
+                .await?;
+            n_ev += 1;
+        }
+        w.finish().await?;
+    }
+    {
+        let sink = tx.copy_in(copy_objects).await?;
+        let types = [
+            Type::UUID,
+            Type::INT4,
+            Type::TEXT,
+            Type::TIMESTAMPTZ,
+            Type::TEXT,
+            Type::INT4,
+            Type::FLOAT4,
+            Type::FLOAT4,
+            Type::FLOAT4,
+            Type::FLOAT4,
+            Type::FLOAT4,
+        ];
+        let w = BinaryCopyInWriter::new(sink, &types);
+        pin_mut!(w);
+        for (ev, _, _) in rows {
+            for (i, d) in ev.detections.iter().enumerate() {
+                w.as_mut()
+                    .write(&[
+                        &ev.event_id,
+                        &(i as i32),
+                        &ev.device_id,
+                        &ev.captured_at,
+                        &d.label,
+                        &(d.class_id as i32),
+                        &d.confidence,
+                        &d.bbox[0],
+                        &d.bbox[1],
+                        &d.bbox[2],
+                        &d.bbox[3],
+                    ])
+                    .await?;
+                n_obj += 1;
+            }
+        }
+        w.finish().await?;
+    }
+    Ok((n_ev, n_obj))
+}
+
+const BASELINE_EVENTS: &str = "COPY events (event_id, device_id, seq, captured_at, kind, model_name, model_sha256, frame_width, frame_height, detections, kafka_topic, kafka_partition, kafka_offset) FROM STDIN BINARY";
+const BASELINE_OBJECTS: &str = "COPY objects (event_id, idx, device_id, captured_at, label, class_id, confidence, x1, y1, x2, y2) FROM STDIN BINARY";
+
+/// The physical limit the sink is measured against: the same rows COPY BINARY'd straight into
+/// `events` and `objects`, one transaction per `batch` events, with no staging, no dedupe, no
+/// offsets and no Kafka. Returns (event rows, object rows).
+pub async fn copy_baseline(
+    client: &mut Client,
+    topic: &str,
+    events: &[Event],
+    batch: usize,
+) -> Result<(u64, u64), tokio_postgres::Error> {
+    let (mut ne, mut no) = (0, 0);
+    for (k, chunk) in events.chunks(batch.max(1)).enumerate() {
+        let tx = client.transaction().await?;
+        let base = (k * batch) as i64;
+        let rows = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e, 0i32, base + i as i64));
+        let (a, b) = copy_rows(&tx, BASELINE_EVENTS, BASELINE_OBJECTS, topic, rows).await?;
+        tx.commit().await?;
+        ne += a;
+        no += b;
+    }
+    Ok((ne, no))
+}
+
 /// Writes one batch and its offsets in one transaction.
 async fn write_batch(
     client: &mut Client,
@@ -307,106 +440,16 @@ async fn write_batch(
 ) -> Result<(u64, u64, u64), tokio_postgres::Error> {
     let tx = client.transaction().await?;
     tx.batch_execute(STAGE).await?;
-    let mut n_ev = 0u64;
-    let mut n_obj = 0u64;
     let mut n_dead = 0u64;
-    {
-        let sink = tx.copy_in(COPY_EVENTS).await?;
-        let types = [
-            Type::UUID,
-            Type::TEXT,
-            Type::INT8,
-            Type::TIMESTAMPTZ,
-            Type::TEXT,
-            Type::TEXT,
-            Type::TEXT,
-            Type::INT4,
-            Type::INT4,
-            Type::INT4,
-            Type::TEXT,
-            Type::INT4,
-            Type::INT8,
-        ];
-        let w = BinaryCopyInWriter::new(sink, &types);
-        pin_mut!(w);
-        for it in items {
-            if let Item::Good {
-                ev,
-                partition,
-                offset,
-            } = it
-            {
-                let (mn, ms) = match &ev.model {
-                    Some(m) => (Some(m.name.as_str()), Some(m.sha256.as_str())),
-                    None => (None, None),
-                };
-                let (fw, fh) = match ev.frame {
-                    Some(f) => (Some(f.width as i32), Some(f.height as i32)),
-                    None => (None, None),
-                };
-                w.as_mut()
-                    .write(&[
-                        &ev.event_id,
-                        &ev.device_id,
-                        &(ev.seq as i64),
-                        &ev.captured_at,
-                        &ev.kind.as_str(),
-                        &mn,
-                        &ms,
-                        &fw,
-                        &fh,
-                        &(ev.detections.len() as i32),
-                        &topic,
-                        partition,
-                        offset,
-                    ])
-                    .await?;
-                n_ev += 1;
-            }
-        }
-        w.finish().await?;
-    }
-    {
-        let sink = tx.copy_in(COPY_OBJECTS).await?;
-        let types = [
-            Type::UUID,
-            Type::INT4,
-            Type::TEXT,
-            Type::TIMESTAMPTZ,
-            Type::TEXT,
-            Type::INT4,
-            Type::FLOAT4,
-            Type::FLOAT4,
-            Type::FLOAT4,
-            Type::FLOAT4,
-            Type::FLOAT4,
-        ];
-        let w = BinaryCopyInWriter::new(sink, &types);
-        pin_mut!(w);
-        for it in items {
-            if let Item::Good { ev, .. } = it {
-                for (i, d) in ev.detections.iter().enumerate() {
-                    w.as_mut()
-                        .write(&[
-                            &ev.event_id,
-                            &(i as i32),
-                            &ev.device_id,
-                            &ev.captured_at,
-                            &d.label,
-                            &(d.class_id as i32),
-                            &d.confidence,
-                            &d.bbox[0],
-                            &d.bbox[1],
-                            &d.bbox[2],
-                            &d.bbox[3],
-                        ])
-                        .await?;
-                    n_obj += 1;
-                }
-            }
-        }
-        w.finish().await?;
-    }
+    let good = items.iter().filter_map(|it| match it {
+        Item::Good {
+            ev,
+            partition,
+            offset,
+        } => Some((ev, *partition, *offset)),
+        Item::Bad { .. } => None,
+    });
+    let (n_ev, n_obj) = copy_rows(&tx, COPY_EVENTS, COPY_OBJECTS, topic, good).await?;
     tx.execute(MERGE_EVENTS, &[]).await?;
     tx.execute(MERGE_OBJECTS, &[]).await?;
     let health = tx.prepare(INSERT_HEALTH).await?;

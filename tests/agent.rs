@@ -12,13 +12,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::broker::{free_port, Broker};
+use common::rig::database;
 use edge_vision::agent::{self, AgentConfig, Control, SourceKind};
 use edge_vision::detect::{Detector, DetectorConfig};
 use edge_vision::settings;
 use edge_vision::sink;
 use edge_vision::source::{self, Frame, FrameSource, SourceError};
 
-const PG: &str = "host=127.0.0.1 user=postgres";
 const AGENT: &str = env!("CARGO_BIN_EXE_edge-agent");
 const SINK: &str = env!("CARGO_BIN_EXE_edge-sink");
 
@@ -273,6 +273,22 @@ fn config_errors_name_the_key_and_the_file_or_variable() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("EDGE_AGENT__DETECTOR__CONFIDENCE"), "{err}");
 
+    // The sink names its key and file the same way.
+    let sink_file = dir.path().join("sink.toml");
+    std::fs::write(&sink_file, "brokers = \"k:9092\"\nbatch_sise = 10\n").unwrap();
+    let out = Command::new(SINK)
+        .arg("--config")
+        .arg(&sink_file)
+        .args(["config", "check"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("sink.toml") && err.contains("batch_sise") && err.contains("line 2"),
+        "{err}"
+    );
+
     // A good file with an environment override; secrets masked in the printout.
     let (code, out, err) = config_check(
         dir.path(),
@@ -518,21 +534,6 @@ fn a_source_that_fails_then_recovers_writes_both_health_events() {
 // ---------------------------------------------------------------------------------------------
 // The binary, end to end
 
-async fn database() -> String {
-    let name = format!("agent_test_{}", uuid::Uuid::now_v7().simple());
-    let admin = sink::connect(&format!("{PG} dbname=postgres"))
-        .await
-        .expect("PostgreSQL on 127.0.0.1:5432 (trust auth)");
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    let url = format!("{PG} dbname={name}");
-    let mut c = sink::connect(&url).await.unwrap();
-    sink::migrate(&mut c).await.unwrap();
-    url
-}
-
 async fn query_i64(db: &str, sql: &str) -> Vec<i64> {
     let c = sink::connect(db).await.unwrap();
     let row = c.query_one(sql, &[]).await.unwrap();
@@ -556,6 +557,7 @@ async fn frames_to_postgres_through_two_cuts_and_a_sigkill() {
     let b = Broker::start().await;
     b.create_topic("e2e", 3);
     let db = database().await;
+    let sink_metrics = format!("127.0.0.1:{}", free_port());
     let mut sink = Command::new(SINK)
         .args([
             "run",
@@ -570,7 +572,7 @@ async fn frames_to_postgres_through_two_cuts_and_a_sigkill() {
             "--batch-ms",
             "200",
             "--metrics-listen",
-            "",
+            &sink_metrics,
         ])
         .env("RUST_LOG", "edge_vision=debug,librdkafka=warn")
         .stdout(Stdio::null())
@@ -628,8 +630,20 @@ async fn frames_to_postgres_through_two_cuts_and_a_sigkill() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         got = query_i64(&db, &q).await;
     }
+    let (code, metrics) = http_get(&sink_metrics, "/metrics");
     let _ = sink.kill();
     let _ = sink.wait();
+    assert_eq!(code, 200);
+    let written: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("edge_sink_events_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no edge_sink_events_total in\n{metrics}"));
+    assert!(written >= total as f64, "{metrics}");
+    assert!(
+        metrics.contains("edge_sink_batch_seconds_count"),
+        "{metrics}"
+    );
     let sink_log = std::fs::read_to_string(dir.path().join("sink.log")).unwrap_or_default();
     let tail: Vec<&str> = sink_log.lines().rev().take(40).collect();
     assert_eq!(

@@ -7,29 +7,10 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::broker::Broker;
+use common::rig::{count, database, producer, send, send_all, wait_for};
 use edge_vision::event::{Event, FrameSize, ModelRef, Object};
 use edge_vision::sink::{self, SinkConfig, SinkStatus};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
 use tokio::sync::watch;
-
-const PG: &str = "host=127.0.0.1 user=postgres";
-
-/// A fresh database for one test.
-async fn database() -> String {
-    let name = format!("sink_test_{}", uuid::Uuid::now_v7().simple());
-    let admin = sink::connect(&format!("{PG} dbname=postgres"))
-        .await
-        .expect("PostgreSQL on 127.0.0.1:5432 (trust auth)");
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    let url = format!("{PG} dbname={name}");
-    let mut c = sink::connect(&url).await.unwrap();
-    sink::migrate(&mut c).await.unwrap();
-    url
-}
 
 fn event(i: u64, objects: usize) -> Event {
     let detections = (0..objects)
@@ -54,62 +35,6 @@ fn event(i: u64, objects: usize) -> Event {
     );
     e.seq = i;
     e
-}
-
-fn producer(b: &Broker) -> FutureProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", &b.bootstrap)
-        .set("linger.ms", "5")
-        .create()
-        .unwrap()
-}
-
-async fn send(p: &FutureProducer, topic: &str, key: &str, payload: &[u8]) {
-    p.send(
-        FutureRecord::to(topic).key(key).payload(payload),
-        Duration::from_secs(30),
-    )
-    .await
-    .expect("delivered");
-}
-
-async fn send_all(p: &FutureProducer, topic: &str, msgs: &[(String, Vec<u8>)]) {
-    // `send_result` enqueues at once (an un-polled `send` future would not), so a chunk
-    // goes out in batches; then wait for its delivery reports.
-    for chunk in msgs.chunks(5000) {
-        let mut futs = Vec::with_capacity(chunk.len());
-        for (k, v) in chunk {
-            let mut rec = FutureRecord::to(topic).key(k).payload(v);
-            loop {
-                match p.send_result(rec) {
-                    Ok(f) => break futs.push(f),
-                    Err((_, back)) => {
-                        rec = back;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                }
-            }
-        }
-        for f in futs {
-            f.await.expect("not cancelled").expect("delivered");
-        }
-    }
-}
-
-async fn count(db: &str, sql: &str) -> i64 {
-    let c = sink::connect(db).await.unwrap();
-    c.query_one(sql, &[]).await.unwrap().get(0)
-}
-
-async fn wait_for(db: &str, sql: &str, want: i64, timeout: Duration) -> i64 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let n = count(db, sql).await;
-        if n >= want || Instant::now() > deadline {
-            return n;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
 }
 
 fn spawn_sink(

@@ -48,6 +48,22 @@ enum Command {
         #[arg(long)]
         metrics_listen: Option<String>,
     },
+    /// Benchmark: N synthetic events through the topic into a fresh database, timed, against
+    /// a raw COPY BINARY of the same rows into another fresh database (docs/benchmarks.md).
+    Bench {
+        #[arg(long)]
+        brokers: String,
+        /// An existing, empty topic.
+        #[arg(long)]
+        topic: String,
+        /// Server to create the two scratch databases on (libpq string without dbname).
+        #[arg(long, default_value = "host=127.0.0.1 user=postgres")]
+        server: String,
+        #[arg(long, default_value_t = 200_000)]
+        events: u64,
+        #[arg(long, default_value_t = 5000)]
+        batch_size: usize,
+    },
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -209,6 +225,17 @@ fn main() -> ExitCode {
                 eprintln!("edge-sink: configuration is valid");
                 Ok(())
             }
+            Command::Bench {
+                brokers,
+                topic,
+                server,
+                events,
+                batch_size,
+            } => {
+                let report = bench(&brokers, &topic, &server, events, batch_size).await?;
+                println!("{report}");
+                Ok(())
+            }
             Command::Migrate { database_url } => {
                 let url = database_url.unwrap_or(cfg.database_url);
                 let mut client = sink::connect(&url).await?;
@@ -263,4 +290,139 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// A deterministic synthetic event: 0-3 objects.
+fn synthetic(i: u64) -> edge_vision::event::Event {
+    use edge_vision::event::{Event, FrameSize, ModelRef, Object};
+    let objects = (0..(i * 7919) % 4)
+        .map(|k| Object {
+            label: "person".into(),
+            class_id: 0,
+            confidence: 0.3 + (k as f32) / 10.0,
+            bbox: [10.0 * k as f32, 20.0, 110.0, 300.0 + k as f32],
+        })
+        .collect();
+    let mut e = Event::detection(
+        &format!("bench-{}", i % 16),
+        ModelRef {
+            name: "yolov8n".into(),
+            sha256: "0".repeat(64),
+        },
+        FrameSize {
+            width: 1280,
+            height: 720,
+        },
+        objects,
+    );
+    e.seq = i / 16 + 1;
+    e
+}
+
+/// Creates a scratch database with the schema.
+async fn scratch_db(server: &str, name: &str) -> anyhow::Result<String> {
+    let admin = sink::connect(&format!("{server} dbname=postgres")).await?;
+    admin
+        .batch_execute(&format!(
+            "DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"
+        ))
+        .await?;
+    let url = format!("{server} dbname={name}");
+    let mut c = sink::connect(&url).await?;
+    sink::migrate(&mut c).await?;
+    Ok(url)
+}
+
+/// `edge-sink bench`.
+async fn bench(
+    brokers: &str,
+    topic: &str,
+    server: &str,
+    n: u64,
+    batch_size: usize,
+) -> anyhow::Result<serde_json::Value> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use std::time::{Duration, Instant};
+    let events: Vec<_> = (0..n).map(synthetic).collect();
+    let objects: u64 = events.iter().map(|e| e.detections.len() as u64).sum();
+
+    // 1. Fill the topic (not timed).
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "20")
+        .set("compression.type", "zstd")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    for chunk in events.chunks(50_000) {
+        let mut futs = Vec::with_capacity(chunk.len());
+        for e in chunk {
+            let payload = serde_json::to_vec(e)?;
+            let mut rec = FutureRecord::to(topic).key(&e.device_id).payload(&payload);
+            loop {
+                match producer.send_result(rec) {
+                    Ok(f) => break futs.push(f),
+                    Err((_, back)) => {
+                        rec = back;
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }
+            }
+        }
+        for f in futs {
+            f.await
+                .map_err(|_| anyhow::anyhow!("cancelled"))?
+                .map_err(|(e, _)| e)?;
+        }
+    }
+
+    // 2. The sink, from start to the last row (catch-up time) and first to last batch (rate).
+    let url = scratch_db(server, "edge_sink_bench").await?;
+    let mut cfg = SinkConfig::new(brokers, topic, "edge-sink-bench", &url);
+    cfg.batch_size = batch_size;
+    cfg.metrics_listen = String::new();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (status_tx, mut status_rx) = tokio::sync::watch::channel(SinkStatus::default());
+    let started = Instant::now();
+    let task = tokio::spawn(sink::run(cfg, stop_rx, status_tx));
+    let mut first: Option<(Instant, u64, u64)> = None;
+    loop {
+        let st = status_rx.borrow_and_update().clone();
+        if st.batches > 0 && first.is_none() {
+            first = Some((Instant::now(), st.events, st.objects));
+        }
+        if st.events >= n {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(1800) {
+            anyhow::bail!("sink did not finish in 30 min: {st:?}");
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), status_rx.changed()).await;
+    }
+    let done = Instant::now();
+    let st = status_rx.borrow().clone();
+    let _ = stop_tx.send(true);
+    let _ = task.await;
+    let catch_up = done - started;
+    let (t1, e1, o1) = first.unwrap_or((started, 0, 0));
+    let sink_rows = (st.events - e1) + (st.objects - o1);
+    let sink_rate = sink_rows as f64 / (done - t1).as_secs_f64();
+
+    // 3. Raw COPY BINARY of the same rows, same batch size, into a fresh database.
+    let url = scratch_db(server, "edge_sink_bench_copy").await?;
+    let mut client = sink::connect(&url).await?;
+    let t = Instant::now();
+    let (ce, co) = sink::copy_baseline(&mut client, topic, &events, batch_size).await?;
+    let copy_secs = t.elapsed().as_secs_f64();
+    let copy_rate = (ce + co) as f64 / copy_secs;
+    Ok(serde_json::json!({
+        "events": n,
+        "objects": objects,
+        "batch_size": batch_size,
+        "sink_catch_up_s": (catch_up.as_secs_f64() * 100.0).round() / 100.0,
+        "sink_rows_per_s": sink_rate.round(),
+        "copy_rows_per_s": copy_rate.round(),
+        "copy_s": (copy_secs * 100.0).round() / 100.0,
+        "ratio": (sink_rate / copy_rate * 1000.0).round() / 1000.0,
+        "sink_batches": st.batches,
+    }))
 }

@@ -69,3 +69,4 @@ pub fn ort_reference() -> Vec<Reference> {
 
 pub mod broker;
 pub mod proxy;
+pub mod rig;
