@@ -17,8 +17,9 @@
 //! * [`uplink`] — drains the outbox to Kafka (rdkafka), deleting rows only after the broker's
 //!   acknowledgement; an explicit state machine (`Online`, `Backlogged`, `Offline`,
 //!   `ShuttingDown`).
-//! * [`sink`] — `edge-sink`: Kafka -> PostgreSQL in one transaction per batch (COPY BINARY
-//!   into staging, `ON CONFLICT DO NOTHING`), offsets stored with the rows (feature `sink`).
+//! * [`sink`] — `edge-sink`: Kafka -> PostgreSQL in one transaction per batch (COPY BINARY,
+//!   falling back to staging + `ON CONFLICT DO NOTHING` for batches with duplicates), offsets
+//!   stored with the rows (feature `sink`).
 //! * [`source`] — frame sources behind one trait: V4L2 cameras through `nokhwa` (MJPEG and
 //!   YUYV decoded here), image directories, a synthetic pattern (feature `agent`).
 //! * [`agent`] — `edge-agent run`: capture -> inference -> outbox writer -> uplink as threads

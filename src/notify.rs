@@ -61,6 +61,23 @@ fn abstract_send(_: &UnixDatagram, _: &str, _: &[u8]) -> std::io::Result<usize> 
     Err(std::io::Error::other("abstract sockets need Linux"))
 }
 
+/// Resolves when the process gets SIGTERM (systemd's stop) or SIGINT (Ctrl-C).
+#[cfg(feature = "kafka")]
+pub async fn terminated() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!("cannot watch SIGTERM ({e}); only Ctrl-C stops this process");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
 /// The watchdog period systemd asks for (`$WATCHDOG_USEC`, for this process when
 /// `$WATCHDOG_PID` is set), if any.
 pub fn watchdog_interval() -> Option<Duration> {

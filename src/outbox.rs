@@ -579,7 +579,7 @@ impl Outbox {
     ) -> rusqlite::Result<Vec<Pending>> {
         let mut out = Vec::with_capacity(limit.min(65_536));
         let mut seen = HashSet::new();
-        let scan = (limit + in_flight.len()) as i64;
+        let scan = i64::try_from(limit.saturating_add(in_flight.len())).unwrap_or(i64::MAX);
         let map = |r: &rusqlite::Row| {
             Ok(Pending {
                 seq: r.get::<_, i64>(0)? as u64,

@@ -7,35 +7,9 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::broker::Broker;
-use common::rig::{count, database, producer, send, send_all, wait_for};
-use edge_vision::event::{Event, FrameSize, ModelRef, Object};
+use common::rig::{count, database, event, producer, send, send_all, wait_for};
 use edge_vision::sink::{self, SinkConfig, SinkStatus};
 use tokio::sync::watch;
-
-fn event(i: u64, objects: usize) -> Event {
-    let detections = (0..objects)
-        .map(|k| Object {
-            label: "person".into(),
-            class_id: 0,
-            confidence: 0.5 + k as f32 / 100.0,
-            bbox: [1.0, 2.0, 3.0, 4.0 + i as f32],
-        })
-        .collect();
-    let mut e = Event::detection(
-        &format!("dev-{}", i % 7),
-        ModelRef {
-            name: "m".into(),
-            sha256: "0".repeat(64),
-        },
-        FrameSize {
-            width: 640,
-            height: 480,
-        },
-        detections,
-    );
-    e.seq = i;
-    e
-}
 
 fn spawn_sink(
     cfg: SinkConfig,
@@ -89,6 +63,11 @@ async fn a_hundred_thousand_events_exactly_once() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     eprintln!("sink consumed 101000 in {:.1} s", t.elapsed().as_secs_f64());
+    let st = status.borrow().clone();
+    assert!(
+        st.dedupe_batches > 0 && st.dedupe_batches < st.batches,
+        "duplicates took the staging path, the rest the direct COPY: {st:?}"
+    );
     let _ = stop.send(true);
     task.await.unwrap().unwrap();
     assert_eq!(count(&db, "SELECT count(*) FROM events").await, 100_000);

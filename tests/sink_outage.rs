@@ -11,8 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::broker::Broker;
-use common::rig::{count, database, producer, send_all};
-use edge_vision::event::{Event, FrameSize, ModelRef, Object};
+use common::rig::{count, database, event, producer, send_all};
 use edge_vision::sink::{self, SinkConfig, SinkStatus};
 
 fn pg_ctl(action: &str) {
@@ -30,31 +29,6 @@ fn pg_ctl(action: &str) {
     assert!(ok, "pg_ctlcluster {action}");
 }
 
-fn event(i: u64) -> Event {
-    let detections = (0..i % 3)
-        .map(|k| Object {
-            label: "person".into(),
-            class_id: 0,
-            confidence: 0.5,
-            bbox: [k as f32, 1.0, 2.0, 3.0],
-        })
-        .collect();
-    let mut e = Event::detection(
-        &format!("dev-{}", i % 5),
-        ModelRef {
-            name: "m".into(),
-            sha256: "0".repeat(64),
-        },
-        FrameSize {
-            width: 640,
-            height: 480,
-        },
-        detections,
-    );
-    e.seq = i;
-    e
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_stopped_and_restarted_mid_stream_exact_counts() {
     let b = Broker::start().await;
@@ -64,7 +38,7 @@ async fn postgres_stopped_and_restarted_mid_stream_exact_counts() {
     let n = 60_000u64;
     let msgs: Vec<(String, Vec<u8>)> = (0..n)
         .map(|i| {
-            let e = event(i);
+            let e = event(i, (i % 3) as usize);
             (e.device_id.clone(), serde_json::to_vec(&e).unwrap())
         })
         .collect();

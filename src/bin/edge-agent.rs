@@ -554,16 +554,7 @@ fn outbox_command(command: OutboxCommand) -> Result<u8, Fail> {
             let start = Instant::now();
             rt.block_on(async move {
                 tokio::spawn(async move {
-                    let mut term = match tokio::signal::unix::signal(
-                        tokio::signal::unix::SignalKind::terminate(),
-                    ) {
-                        Ok(s) => s,
-                        Err(_) => return,
-                    };
-                    tokio::select! {
-                        _ = term.recv() => {}
-                        _ = tokio::signal::ctrl_c() => {}
-                    }
+                    edge_vision::notify::terminated().await;
                     let _ = stop_tx.send(true);
                 });
                 uplink::run(
@@ -598,7 +589,7 @@ fn outbox_command(command: OutboxCommand) -> Result<u8, Fail> {
         } => {
             use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
             let ob = open_outbox(&outbox, u64::MAX / 4, Durability::Full, "raw-send")?;
-            let rows = ob.next_batch(1 << 40, &std::collections::HashSet::new(), None)?;
+            let rows = ob.next_batch(u32::MAX as usize, &std::collections::HashSet::new(), None)?;
             let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
                 uplink::client_config(&UplinkConfig::new(&brokers, &topic))?.create()?;
             let start = Instant::now();
@@ -856,18 +847,8 @@ fn run_agent(config: Option<&Path>, threads: Option<usize>, progress: bool) -> R
             else {
                 return;
             };
-            rt.block_on(async {
-                let Ok(mut term) =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                else {
-                    return;
-                };
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-                let _ = stop_tx.send(true);
-            });
+            rt.block_on(edge_vision::notify::terminated());
+            let _ = stop_tx.send(true);
         })?;
     let watchdog = edge_vision::notify::watchdog_interval();
     let on_commit: Option<edge_vision::agent::CommitHook> = if progress {

@@ -266,15 +266,7 @@ fn main() -> ExitCode {
                     serve_metrics(&cfg.metrics_listen, status_rx.clone(), stop_rx.clone()).await?;
                 }
                 tokio::spawn(async move {
-                    let Ok(mut term) =
-                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = term.recv() => {}
-                        _ = tokio::signal::ctrl_c() => {}
-                    }
+                    edge_vision::notify::terminated().await;
                     let _ = stop_tx.send(true);
                 });
                 sink::run(cfg, stop_rx, status_tx).await?;
@@ -323,9 +315,10 @@ fn synthetic(i: u64) -> edge_vision::event::Event {
 async fn scratch_db(server: &str, name: &str) -> anyhow::Result<String> {
     let admin = sink::connect(&format!("{server} dbname=postgres")).await?;
     admin
-        .batch_execute(&format!(
-            "DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"
-        ))
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+        .await?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
         .await?;
     let url = format!("{server} dbname={name}");
     let mut c = sink::connect(&url).await?;
