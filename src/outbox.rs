@@ -16,7 +16,10 @@
 //!   first events without detections, then the lowest-confidence detections (oldest first on
 //!   ties), then the oldest health events. Evictions are counted by reason, persisted, and
 //!   announced with an `outbox_evicted` health event. `SQLITE_FULL` (cap or disk full) evicts
-//!   and retries instead of failing.
+//!   and retries instead of failing. On a disk that fills up before the cap, the file's current
+//!   size becomes the cap and `NAME.reserve` (a file of zeros, 64 KiB-1 MiB, made at open) is
+//!   deleted to give the checkpoint and the deletes the room they need: tested on a real 2 MiB
+//!   tmpfs (`tests/outbox.rs`). The reserve is re-created at the next open.
 //! * **A corrupt file never stops the agent.** `quick_check` runs at open; a file that fails it
 //!   (or is not a database) is moved aside as `NAME.corrupt-<unix ms>` with its WAL, kept for
 //!   inspection, counted, and a fresh outbox is opened.
@@ -243,6 +246,11 @@ fn mmap_limit(max_bytes: u64) -> u64 {
     max_bytes.min(ceiling)
 }
 
+/// Size of the reserve file (see [`Outbox::ensure_reserve`]).
+fn reserve_bytes(max_bytes: u64) -> u64 {
+    (max_bytes / 64).clamp(64 * 1024, 1024 * 1024)
+}
+
 /// Bytes set aside from the cap for the WAL.
 fn wal_reserve(max_bytes: u64) -> u64 {
     (max_bytes / 8).clamp(64 * 1024, 4 * 1024 * 1024)
@@ -334,6 +342,7 @@ impl Outbox {
             },
         })?;
         outbox.depth = outbox.stats_counts().map_err(sq)?.0;
+        outbox.ensure_reserve();
         if report.quarantined.is_some() {
             outbox
                 .conn
@@ -379,6 +388,42 @@ impl Outbox {
         &self.cfg.path
     }
 
+    /// The reserve file next to the outbox: a few hundred KiB of zeros, deleted when the disk
+    /// is really full so that checkpoints and evictions can still be written, then re-created.
+    fn reserve_path(&self) -> PathBuf {
+        let mut p = self.cfg.path.clone().into_os_string();
+        p.push(".reserve");
+        PathBuf::from(p)
+    }
+
+    /// Creates the reserve file if it is missing and the disk has room (best effort).
+    fn ensure_reserve(&self) {
+        let path = self.reserve_path();
+        if path.exists() {
+            return;
+        }
+        let size = reserve_bytes(self.cfg.max_bytes) as usize;
+        let tmp = path.with_extension("reserve.tmp");
+        let written = std::fs::File::create(&tmp).and_then(|mut f| {
+            use std::io::Write;
+            f.write_all(&vec![0u8; size])?;
+            f.sync_all()
+        });
+        match written.and_then(|()| std::fs::rename(&tmp, &path)) {
+            Ok(()) => {}
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                tracing::debug!(path = %path.display(), "no room for the reserve file: {e}");
+            }
+        }
+    }
+
+    /// Pages in the database file (used and free).
+    fn page_count(&self) -> rusqlite::Result<u64> {
+        let count: i64 = self.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        Ok(count.max(0) as u64)
+    }
+
     /// Pages in use (database pages minus free pages).
     fn used_pages(&self) -> rusqlite::Result<u64> {
         let count: i64 = self.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
@@ -403,8 +448,14 @@ impl Outbox {
         let mut evicted = Evictions::default();
         loop {
             attempts += 1;
-            add(&mut evicted, self.make_room(payload_estimate)?);
-            match self.try_enqueue(events, evicted) {
+            let result = match self.make_room(payload_estimate) {
+                Ok(ev) => {
+                    add(&mut evicted, ev);
+                    self.try_enqueue(events, evicted)
+                }
+                Err(e) => Err(e),
+            };
+            match result {
                 Ok(seqs) => return Ok(seqs),
                 Err(EnqueueError::Sqlite(e)) if is_full(&e) && attempts < 20 => {
                     // Cap or disk full: evict a tenth of the queue and try again.
@@ -413,8 +464,33 @@ impl Outbox {
                         return Err(EnqueueError::Full(payload_estimate));
                     }
                     tracing::warn!(error = %e, "outbox full; evicting and retrying");
+                    // A really full disk (below our cap): the file cannot grow any more, so
+                    // what it holds now becomes the cap, and the WAL is checkpointed and
+                    // truncated so that the deletes below have room to be written at all.
+                    let pages = self.page_count()?;
+                    if pages < self.max_pages * 9 / 10 {
+                        tracing::error!(
+                            pages,
+                            cap_pages = self.max_pages,
+                            "the disk is full before the outbox's cap; capping at the current size"
+                        );
+                        self.max_pages = pages.max(16);
+                    }
+                    // The reserve file gives back the room that checkpointing and deleting
+                    // need on a disk with no free block left.
+                    // (It is re-created at the next open, not now: on a disk that stays full
+                    // it would take back the room the WAL needs for the next batch.)
+                    let _ = std::fs::remove_file(self.reserve_path());
+                    let _ = self.checkpoint();
                     let n = (depth / 10).max(1);
-                    add(&mut evicted, self.evict(n)?);
+                    match self.evict(n) {
+                        Ok(ev) => add(&mut evicted, ev),
+                        Err(e) if is_full(&e) => {
+                            tracing::warn!("evicting on a full disk failed too; retrying")
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                    let _ = self.checkpoint();
                 }
                 Err(e) => return Err(e),
             }
@@ -776,6 +852,31 @@ impl OutboxReader {
         let mut stmt = self.conn.prepare_cached(SELECT_TO_SEND)?;
         let rows = stmt.query_map(params![after as i64, limit as i64], pending_row)?;
         rows.collect()
+    }
+
+    /// Calls `f(seq, key, payload)` for up to `limit` rows with `seq > after`, oldest first,
+    /// with the key and payload borrowed from SQLite (no copy); stops when `f` returns false.
+    pub fn visit_after<E: From<rusqlite::Error>>(
+        &self,
+        after: u64,
+        limit: usize,
+        mut f: impl FnMut(u64, &str, &[u8]) -> Result<bool, E>,
+    ) -> Result<(), E> {
+        let mut stmt = self.conn.prepare_cached(SELECT_TO_SEND)?;
+        let mut rows = stmt.query(params![after as i64, limit as i64])?;
+        while let Some(r) = rows.next()? {
+            let seq = r.get::<_, i64>(0)? as u64;
+            let key = r.get_ref(2)?.as_str().map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, e.into())
+            })?;
+            let payload = r.get_ref(3)?.as_blob().map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Blob, e.into())
+            })?;
+            if !f(seq, key, payload)? {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// The rows with these seqs that still exist.

@@ -237,6 +237,42 @@ fn classify(e: &KafkaError) -> Outcome {
     }
 }
 
+/// What one `send` did.
+enum Sent {
+    /// Queued in librdkafka; a delivery report will follow.
+    Queued,
+    /// Queue full or bandwidth cap reached: try again after some deliveries.
+    Backpressure,
+    /// Refused outright (too large, bad configuration, ...).
+    Failed(KafkaError),
+}
+
+/// Hands one row to librdkafka (which copies key and payload), minding the bandwidth cap.
+fn send_one(
+    producer: &Kafka,
+    topic: &str,
+    bucket: &mut Option<Bucket>,
+    seq: u64,
+    key: &str,
+    payload: &[u8],
+) -> Sent {
+    if let Some(b) = bucket {
+        if !b.take(payload.len() as u64) {
+            return Sent::Backpressure;
+        }
+    }
+    let record = BaseRecord::with_opaque_to(topic, Box::new(seq))
+        .key(key.as_bytes())
+        .payload(payload);
+    match producer.send(record) {
+        Ok(()) => Sent::Queued,
+        Err((e, _)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+            Sent::Backpressure
+        }
+        Err((e, _)) => Sent::Failed(e),
+    }
+}
+
 /// librdkafka calls `delivery` (on the producer's polling thread) for every message; the
 /// outcome and the row's seq go to the drain loop over a channel.
 struct Reports {
@@ -497,16 +533,36 @@ impl Uplink {
             }
         }
         if room > 0 {
-            let rows = self.reader.rows_after(self.backlog_cursor, room)?;
-            for p in rows {
-                // Rows the live pass already sent stay visible until their delete commits.
-                let skip = self.live_sent.remove(&p.seq)
-                    || self.in_flight.contains(&p.seq)
-                    || self.retry.contains(&p.seq);
-                if !skip && !self.try_send(&p)? {
-                    return Ok(());
-                }
-                self.backlog_cursor = p.seq;
+            // The hot path of a backlog drain: each payload goes from SQLite's page straight to
+            // librdkafka (which copies it once), no intermediate buffer. Send errors other than
+            // backpressure are collected and handled after the scan.
+            let mut failed: Vec<(u64, KafkaError)> = Vec::new();
+            let (producer, topic) = (&self.producer, &self.cfg.topic);
+            let (bucket, in_flight) = (&mut self.bucket, &mut self.in_flight);
+            let (live_sent, retry) = (&mut self.live_sent, &self.retry);
+            let cursor = &mut self.backlog_cursor;
+            self.reader.visit_after(
+                *cursor,
+                room,
+                |seq, key, payload| -> Result<bool, UplinkError> {
+                    // Rows the live pass already sent stay visible until their delete commits.
+                    let skip =
+                        live_sent.remove(&seq) || in_flight.contains(&seq) || retry.contains(&seq);
+                    if !skip {
+                        match send_one(producer, topic, bucket, seq, key, payload) {
+                            Sent::Queued => {
+                                in_flight.insert(seq);
+                            }
+                            Sent::Backpressure => return Ok(false),
+                            Sent::Failed(e) => failed.push((seq, e)),
+                        }
+                    }
+                    *cursor = seq;
+                    Ok(true)
+                },
+            )?;
+            for (seq, e) in failed {
+                self.send_failed(seq, &e)?;
             }
             let cursor = self.backlog_cursor;
             self.live_sent.retain(|&s| s > cursor);
@@ -547,35 +603,40 @@ impl Uplink {
     /// (returns false: backpressure). A row that cannot be sent now goes to the retry set;
     /// one that can never be sent is dead-lettered.
     fn try_send(&mut self, p: &Pending) -> Result<bool, UplinkError> {
-        if let Some(b) = &mut self.bucket {
-            if !b.take(p.payload.len() as u64) {
-                return Ok(false);
-            }
-        }
-        let record = BaseRecord::with_opaque_to(&self.cfg.topic, Box::new(p.seq))
-            .key(p.device_id.as_bytes())
-            .payload(&p.payload);
-        match self.producer.send(record) {
-            Ok(()) => {
+        match send_one(
+            &self.producer,
+            &self.cfg.topic,
+            &mut self.bucket,
+            p.seq,
+            &p.device_id,
+            &p.payload,
+        ) {
+            Sent::Queued => {
                 self.in_flight.insert(p.seq);
                 Ok(true)
             }
-            Err((e, _)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => Ok(false),
-            Err((e, _)) => {
-                match classify(&e) {
-                    Outcome::Fatal(reason) => {
-                        tracing::warn!(seq = p.seq, reason, "dead-lettering event");
-                        self.outbox()?.dead_letter(p.seq, reason)?;
-                        self.status.send_modify(|s| s.dead_lettered += 1);
-                    }
-                    other => {
-                        self.retry.insert(p.seq);
-                        self.fail(other);
-                    }
-                }
+            Sent::Backpressure => Ok(false),
+            Sent::Failed(e) => {
+                self.send_failed(p.seq, &e)?;
                 Ok(true)
             }
         }
+    }
+
+    /// A send librdkafka refused outright: dead-letter what can never go, retry the rest.
+    fn send_failed(&mut self, seq: u64, e: &KafkaError) -> Result<(), UplinkError> {
+        match classify(e) {
+            Outcome::Fatal(reason) => {
+                tracing::warn!(seq, reason, "dead-lettering event");
+                self.outbox()?.dead_letter(seq, reason)?;
+                self.status.send_modify(|s| s.dead_lettered += 1);
+            }
+            other => {
+                self.retry.insert(seq);
+                self.fail(other);
+            }
+        }
+        Ok(())
     }
 
     fn fail(&mut self, o: Outcome) {
