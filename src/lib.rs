@@ -26,6 +26,7 @@
 //!   joined by bounded channels, with heartbeats for systemd's watchdog (feature `agent`).
 //! * [`settings`] — layered configuration (embedded defaults, TOML file, environment) whose
 //!   errors name the key and the file or variable.
+//! * [`kafka`] — TLS/SASL settings shared by uplink and sink, secrets read from files.
 //! * [`metrics`] — Prometheus text exposition and `/healthz` on a local address.
 //! * [`notify`] — systemd's `sd_notify` protocol (`READY=1`, `WATCHDOG=1`).
 //! * `src/bin/edge-agent.rs` — the device agent's command line; thin, over this library.
@@ -41,6 +42,8 @@ pub mod detect;
 pub mod event;
 #[cfg(feature = "agent")]
 pub mod fetch;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "kafka")]
 pub mod metrics;
 pub mod notify;

@@ -63,6 +63,9 @@ pub struct SinkConfig {
     pub max_message_bytes: usize,
     /// `/metrics` and `/healthz` address (empty: off).
     pub metrics_listen: String,
+    /// TLS/SASL to Kafka; passwords come from files.
+    #[serde(default)]
+    pub security: crate::kafka::Security,
     /// Any other librdkafka consumer property.
     #[serde(default)]
     pub librdkafka: std::collections::BTreeMap<String, String>,
@@ -90,6 +93,7 @@ impl SinkConfig {
             batch_ms: 500,
             max_message_bytes: MAX_MESSAGE_BYTES,
             metrics_listen: "127.0.0.1:9465".into(),
+            security: Default::default(),
             librdkafka: Default::default(),
         }
     }
@@ -103,6 +107,8 @@ pub enum SinkError {
     Migrate(#[from] refinery::Error),
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("kafka security: {0}")]
+    Secret(#[from] crate::kafka::SecretError),
 }
 
 /// What the sink has done, for logs, metrics and tests.
@@ -552,6 +558,26 @@ fn is_transient(e: &tokio_postgres::Error) -> bool {
     }
 }
 
+/// The consumer's librdkafka configuration: our settings, TLS/SASL (secrets read from their
+/// files now), then the pass-through properties.
+pub fn consumer_config(cfg: &SinkConfig) -> Result<ClientConfig, SinkError> {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &cfg.brokers)
+        .set("group.id", &cfg.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("queued.max.messages.kbytes", "65536")
+        .set("statistics.interval.ms", "5000");
+    cfg.security.apply(&mut cc)?;
+    for (k, v) in &cfg.librdkafka {
+        cc.set(k, v);
+    }
+    Ok(cc)
+}
+
 /// Runs the sink until `stop` turns true.
 pub async fn run(
     cfg: SinkConfig,
@@ -572,19 +598,7 @@ pub async fn run(
     };
     migrate(&mut client).await?;
     let assigned = Arc::new(Mutex::new(Vec::new()));
-    let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", &cfg.brokers)
-        .set("group.id", &cfg.group_id)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "1000")
-        .set("queued.max.messages.kbytes", "65536")
-        .set("statistics.interval.ms", "5000");
-    for (k, v) in &cfg.librdkafka {
-        cc.set(k, v);
-    }
+    let cc = consumer_config(&cfg)?;
     let lag = Arc::new(std::sync::atomic::AtomicI64::new(-1));
     let consumer: StreamConsumer<Ctx> = cc.create_with_context(Ctx {
         assigned: assigned.clone(),
@@ -753,4 +767,34 @@ fn take_assignments(a: &Arc<Mutex<Vec<(i32, i64)>>>) -> Vec<(i32, i64)> {
     a.lock()
         .map(|mut v| std::mem::take(&mut *v))
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+
+    #[test]
+    fn kafka_secrets_come_from_files_and_overrides_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("kafka-password");
+        std::fs::write(&pw, "hunter2\n").unwrap();
+        let mut cfg = SinkConfig::new("k:9093", "t", "g", "host=db");
+        cfg.security = crate::kafka::Security {
+            protocol: Some("sasl_ssl".into()),
+            sasl_mechanism: Some("SCRAM-SHA-512".into()),
+            sasl_username: Some("edge-sink".into()),
+            sasl_password_file: Some(pw),
+            ..Default::default()
+        };
+        cfg.librdkafka
+            .insert("session.timeout.ms".into(), "30000".into());
+        let c = consumer_config(&cfg).unwrap();
+        assert_eq!(c.get("sasl.password"), Some("hunter2"));
+        assert_eq!(c.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+        assert_eq!(c.get("session.timeout.ms"), Some("30000"));
+        cfg.security.sasl_password_file = Some(dir.path().join("missing"));
+        let err = consumer_config(&cfg).unwrap_err().to_string();
+        assert!(err.contains("missing"), "{err}");
+    }
 }

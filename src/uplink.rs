@@ -45,23 +45,7 @@ pub enum State {
     ShuttingDown,
 }
 
-/// TLS and SASL settings passed through to librdkafka. Secrets are read from files.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Security {
-    /// `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`.
-    pub protocol: Option<String>,
-    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
-    pub sasl_mechanism: Option<String>,
-    pub sasl_username: Option<String>,
-    /// File holding the SASL password (e.g. a systemd credential).
-    pub sasl_password_file: Option<PathBuf>,
-    pub ssl_ca_location: Option<PathBuf>,
-    pub ssl_certificate_location: Option<PathBuf>,
-    pub ssl_key_location: Option<PathBuf>,
-    /// File holding the private key's password.
-    pub ssl_key_password_file: Option<PathBuf>,
-}
+pub use crate::kafka::Security;
 
 /// Uplink settings (`[uplink]` of the agent's configuration).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -154,15 +138,6 @@ pub struct UplinkStatus {
     pub outbox_depth: u64,
 }
 
-fn read_secret(path: &PathBuf) -> Result<String, UplinkError> {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
-        .map_err(|source| UplinkError::Secret {
-            path: path.clone(),
-            source,
-        })
-}
-
 /// The librdkafka producer configuration this uplink uses.
 pub fn client_config(cfg: &UplinkConfig) -> Result<ClientConfig, UplinkError> {
     let mut c = ClientConfig::new();
@@ -181,31 +156,12 @@ pub fn client_config(cfg: &UplinkConfig) -> Result<ClientConfig, UplinkError> {
         .set("reconnect.backoff.max.ms", "2000")
         .set("socket.keepalive.enable", "true")
         .set("log_level", "3");
-    let s = &cfg.security;
-    if let Some(p) = &s.protocol {
-        c.set("security.protocol", p);
-    }
-    if let Some(m) = &s.sasl_mechanism {
-        c.set("sasl.mechanism", m);
-    }
-    if let Some(u) = &s.sasl_username {
-        c.set("sasl.username", u);
-    }
-    if let Some(f) = &s.sasl_password_file {
-        c.set("sasl.password", read_secret(f)?);
-    }
-    for (key, path) in [
-        ("ssl.ca.location", &s.ssl_ca_location),
-        ("ssl.certificate.location", &s.ssl_certificate_location),
-        ("ssl.key.location", &s.ssl_key_location),
-    ] {
-        if let Some(p) = path {
-            c.set(key, p.display().to_string());
-        }
-    }
-    if let Some(f) = &s.ssl_key_password_file {
-        c.set("ssl.key.password", read_secret(f)?);
-    }
+    cfg.security
+        .apply(&mut c)
+        .map_err(|e| UplinkError::Secret {
+            path: e.path,
+            source: e.source,
+        })?;
     for (k, v) in &cfg.librdkafka {
         c.set(k, v);
     }
