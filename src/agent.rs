@@ -966,11 +966,9 @@ fn register_outbox_metrics(
         "edge_agent_outbox_evictions",
         "Events the outbox evicted to stay under its cap, by reason.",
         Box::new(move || {
-            let Ok(st) = ob.lock().map(|o| o.stats()) else {
+            let Ok(Ok(e)) = ob.lock().map(|o| o.evictions()) else {
                 return Vec::new();
             };
-            let Ok(st) = st else { return Vec::new() };
-            let e = st.evictions;
             vec![
                 ("reason=\"no_detections\"".into(), e.no_detections as f64),
                 ("reason=\"low_confidence\"".into(), e.low_confidence as f64),

@@ -779,6 +779,24 @@ impl Outbox {
         })
     }
 
+    /// The persistent eviction counters alone: four key lookups, no table scan (metrics read
+    /// this on every scrape while the writer and the acker share the connection).
+    pub fn evictions(&self) -> rusqlite::Result<Evictions> {
+        let counter = |k: &str| -> rusqlite::Result<u64> {
+            Ok(self
+                .conn
+                .query_row(READ_COUNTER, params![k], |r| r.get::<_, i64>(0))
+                .optional()?
+                .unwrap_or(0) as u64)
+        };
+        Ok(Evictions {
+            no_detections: counter("evicted_no_detections")?,
+            low_confidence: counter("evicted_low_confidence")?,
+            oldest: counter("evicted_oldest")?,
+            expired: counter("evicted_expired")?,
+        })
+    }
+
     /// Depth, bytes, counters.
     pub fn stats(&self) -> rusqlite::Result<OutboxStats> {
         let (depth, payload_bytes, oldest) = self.stats_counts()?;
@@ -797,12 +815,7 @@ impl Outbox {
             payload_bytes,
             file_bytes: file_bytes(&self.cfg.path),
             oldest_created_ms: oldest,
-            evictions: Evictions {
-                no_detections: counter("evicted_no_detections")?,
-                low_confidence: counter("evicted_low_confidence")?,
-                oldest: counter("evicted_oldest")?,
-                expired: counter("evicted_expired")?,
-            },
+            evictions: self.evictions()?,
             dead_letters: dead as u64,
             quarantined: counter("quarantined")?,
             next_seq: counter("next_seq")?,

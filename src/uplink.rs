@@ -581,7 +581,12 @@ impl Uplink {
 
     /// A send librdkafka refused outright: dead-letter what can never go, retry the rest.
     fn send_failed(&mut self, seq: u64, e: &KafkaError) -> Result<(), UplinkError> {
-        match classify(e) {
+        self.settle_failure(seq, classify(e))
+    }
+
+    /// A row that did not get through: dead-lettered when it never can, else kept for retry.
+    fn settle_failure(&mut self, seq: u64, outcome: Outcome) -> Result<(), UplinkError> {
+        match outcome {
             Outcome::Fatal(reason) => {
                 tracing::warn!(seq, reason, "dead-lettering event");
                 self.outbox()?.dead_letter(seq, reason)?;
@@ -623,15 +628,7 @@ impl Uplink {
                 self.failures = 0;
                 self.unauthorized = false;
             }
-            Outcome::Fatal(reason) => {
-                tracing::warn!(seq, reason, "dead-lettering event");
-                self.outbox()?.dead_letter(seq, reason)?;
-                self.status.send_modify(|s| s.dead_lettered += 1);
-            }
-            other => {
-                self.retry.insert(seq);
-                self.fail(other);
-            }
+            failed => self.settle_failure(seq, failed)?,
         }
         Ok(())
     }

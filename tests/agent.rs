@@ -944,3 +944,31 @@ listen = ""
         a.stderr.lock().unwrap()
     );
 }
+
+/// A frame source that cannot work at all (no file matches) is a configuration error (exit 2)
+/// naming what was asked for, before anything starts.
+#[test]
+fn an_image_source_matching_nothing_is_a_clear_configuration_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = agent_config(
+        dir.path(),
+        &base_config(
+            dir.path(),
+            &dir.path().join("nothing-here/*.jpg"),
+            "127.0.0.1:1",
+            "t",
+            "",
+        ),
+    );
+    let out = Command::new(AGENT)
+        .args(["--config", config.to_str().unwrap(), "run"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("nothing-here"), "{err}");
+    assert!(
+        !dir.path().join("outbox.sqlite").exists(),
+        "nothing started"
+    );
+}
