@@ -20,6 +20,8 @@
 //! * [`sink`] — `edge-sink`: Kafka -> PostgreSQL in one transaction per batch (COPY BINARY,
 //!   falling back to staging + `ON CONFLICT DO NOTHING` for batches with duplicates), offsets
 //!   stored with the rows (feature `sink`).
+//! * [`database`] — PostgreSQL connections: libpq connection strings with libpq's `sslmode`
+//!   semantics over OpenSSL, password from a file (feature `sink`).
 //! * [`source`] — frame sources behind one trait: V4L2 cameras through `nokhwa` (MJPEG and
 //!   YUYV decoded here), image directories, a synthetic pattern (feature `agent`).
 //! * [`agent`] — `edge-agent run`: capture -> inference -> outbox writer -> uplink as threads
@@ -37,6 +39,8 @@
 
 #[cfg(feature = "agent")]
 pub mod agent;
+#[cfg(feature = "sink")]
+pub mod database;
 #[cfg(feature = "agent")]
 pub mod detect;
 pub mod event;

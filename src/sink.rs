@@ -32,8 +32,9 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
+use crate::database::{self, Database};
 use crate::event::{self, Event};
 
 mod embedded {
@@ -53,8 +54,13 @@ pub struct SinkConfig {
     pub topic: String,
     /// Consumer group: run more instances with the same group to scale out.
     pub group_id: String,
-    /// libpq-style connection string (`host=... user=... dbname=...`).
+    /// libpq connection string (`host=... user=... dbname=... sslmode=verify-full
+    /// sslrootcert=...`); TLS options as libpq's (src/database.rs).
     pub database_url: String,
+    /// The database password, read from this file (its first line) at start-up; keeps the
+    /// secret out of the config file (systemd credentials).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_password_file: Option<std::path::PathBuf>,
     /// A batch closes at this many messages ...
     pub batch_size: usize,
     /// ... or this long after its first message.
@@ -89,6 +95,7 @@ impl SinkConfig {
             topic: topic.into(),
             group_id: group_id.into(),
             database_url: database_url.into(),
+            database_password_file: None,
             batch_size: 5000,
             batch_ms: 500,
             max_message_bytes: MAX_MESSAGE_BYTES,
@@ -105,10 +112,16 @@ pub enum SinkError {
     Db(#[from] tokio_postgres::Error),
     #[error("migrations: {0}")]
     Migrate(#[from] refinery::Error),
+    #[error("the schema is behind and this role cannot migrate it ({0}): run `edge-sink migrate` as the database owner (docs/sink.md)")]
+    SchemaBehind(#[source] refinery::Error),
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("kafka security: {0}")]
     Secret(#[from] crate::kafka::SecretError),
+    #[error(transparent)]
+    DbConfig(#[from] database::DatabaseConfigError),
+    #[error("database TLS refused (fix the certificate settings in database_url): {0}")]
+    DbTls(#[source] tokio_postgres::Error),
 }
 
 /// What the sink has done, for logs, metrics and tests.
@@ -119,8 +132,8 @@ pub struct SinkStatus {
     pub objects: u64,
     pub dead_letters: u64,
     pub skipped_already_written: u64,
-    /// Times the broker skipped offsets and the sink re-read from further back.
-    pub gap_rereads: u64,
+    /// Messages that arrived past a hole in their partition's offsets (see `run`).
+    pub offset_gaps: u64,
     pub db_retries: u64,
     /// Batches that held a duplicate and went through staging + ON CONFLICT (the rest are
     /// COPYed straight into the tables).
@@ -140,15 +153,28 @@ pub async fn migrate(client: &mut Client) -> Result<usize, SinkError> {
     Ok(report.applied_migrations().len())
 }
 
-/// Connects (no TLS unless the connection string's sslmode asks and a TLS build is used).
-pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::warn!(error = %e, "database connection closed");
+/// True when every embedded migration is already in the history table. Checked with one
+/// `SELECT`, so a least-privilege role (no `CREATE`: docs/sink.md) can start once the owner
+/// has run `edge-sink migrate`; refinery itself always issues DDL first.
+pub async fn schema_is_current(client: &Client) -> Result<bool, SinkError> {
+    let rows = match client.query(SELECT_APPLIED_VERSIONS, &[]).await {
+        Ok(rows) => rows,
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+            return Ok(false)
         }
-    });
-    Ok(client)
+        Err(e) => return Err(e.into()),
+    };
+    let applied: std::collections::HashSet<i64> =
+        rows.iter().map(|r| i64::from(r.get::<_, i32>(0))).collect();
+    Ok(embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .all(|m| applied.contains(&i64::from(m.version()))))
+}
+
+/// Connects with a libpq connection string, TLS as its `sslmode` says (no password file).
+pub async fn connect(url: &str) -> Result<Client, SinkError> {
+    Ok(Database::new(url, None)?.connect().await?)
 }
 
 /// Starts every newly assigned partition exactly at PostgreSQL's stored offset: the
@@ -157,7 +183,8 @@ pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
 /// Kafka's committed offset). The loop also learns the offsets, to drop anything older.
 struct Ctx {
     assigned: Arc<Mutex<Vec<(i32, i64)>>>,
-    database_url: String,
+    /// Where the offsets live (the callback opens its own connection).
+    database: Database,
     /// Total consumer lag from the last statistics report (-1: none yet).
     lag: Arc<std::sync::atomic::AtomicI64>,
 }
@@ -178,11 +205,11 @@ impl ClientContext for Ctx {
 impl Ctx {
     fn stored_offsets(&self, topic: &str) -> Result<HashMap<i32, i64>, String> {
         let handle = tokio::runtime::Handle::try_current().map_err(|e| e.to_string())?;
-        let url = self.database_url.clone();
+        let db = self.database.clone();
         let topic = topic.to_string();
         tokio::task::block_in_place(|| {
             handle.block_on(async move {
-                let c = connect(&url).await.map_err(|e| e.to_string())?;
+                let c = db.connect().await.map_err(|e| e.to_string())?;
                 let rows = c
                     .query(SELECT_OFFSETS, &[&topic])
                     .await
@@ -308,6 +335,7 @@ const INSERT_HEALTH: &str = "INSERT INTO device_health (event_id, device_id, cap
 const INSERT_DEAD: &str = "INSERT INTO dead_letters (kafka_topic, kafka_partition, kafka_offset, payload, error) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING";
 const UPSERT_OFFSET: &str = "INSERT INTO sink_offsets (kafka_topic, kafka_partition, next_offset) VALUES ($1, $2, $3)
      ON CONFLICT (kafka_topic, kafka_partition) DO UPDATE SET next_offset = GREATEST(sink_offsets.next_offset, EXCLUDED.next_offset), updated_at = now()";
+const SELECT_APPLIED_VERSIONS: &str = "SELECT version FROM refinery_schema_history";
 const SELECT_OFFSETS: &str =
     "SELECT kafka_partition, next_offset FROM sink_offsets WHERE kafka_topic = $1";
 
@@ -584,9 +612,13 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
     status: watch::Sender<SinkStatus>,
 ) -> Result<(), SinkError> {
+    let db = Database::new(&cfg.database_url, cfg.database_password_file.as_deref())?;
+    tracing::info!(sslmode = ?db.ssl_mode(), "database settings");
     let mut client = loop {
-        match connect(&cfg.database_url).await {
+        match db.connect().await {
             Ok(c) => break c,
+            // A refused certificate will not fix itself: say so and stop.
+            Err(e) if database::is_tls_refusal(&e) => return Err(SinkError::DbTls(e)),
             Err(e) => {
                 tracing::warn!(error = %e, "database unreachable at start; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -596,21 +628,24 @@ pub async fn run(
             }
         }
     };
-    migrate(&mut client).await?;
+    if !schema_is_current(&client).await? {
+        match migrate(&mut client).await {
+            Ok(n) => tracing::info!(applied = n, "migrations applied"),
+            Err(SinkError::Migrate(e)) => return Err(SinkError::SchemaBehind(e)),
+            Err(e) => return Err(e),
+        }
+    }
     let assigned = Arc::new(Mutex::new(Vec::new()));
     let cc = consumer_config(&cfg)?;
     let lag = Arc::new(std::sync::atomic::AtomicI64::new(-1));
     let consumer: StreamConsumer<Ctx> = cc.create_with_context(Ctx {
         assigned: assigned.clone(),
-        database_url: cfg.database_url.clone(),
+        database: db.clone(),
         lag: lag.clone(),
     })?;
     consumer.subscribe(&[&cfg.topic])?;
     // Next offset to write per partition, from PostgreSQL; messages below it are written already.
     let mut next: HashMap<i32, i64> = HashMap::new();
-    // Re-read attempts per partition after an offset gap.
-    let mut gap_tries: HashMap<i32, u32> = HashMap::new();
-    let mut last_watermark_check = Instant::now();
     let mut st = SinkStatus::default();
     loop {
         if *stop.borrow() {
@@ -649,26 +684,15 @@ pub async fn run(
                             st.skipped_already_written += 1;
                             continue;
                         }
-                        // Offsets are contiguous in a plain topic: a jump means the broker
-                        // skipped records (seen with tansu when fetching from the middle of a
-                        // record batch). Re-read from further back; the filter above drops
-                        // what is already written.
+                        // Offsets are contiguous in a plain topic written without transactions;
+                        // a jump means records this sink will never see (compaction, retention,
+                        // or a broker serving the wrong batch). Say so loudly; the rows that
+                        // did arrive are still written exactly once.
                         let expected = n.max(*batch_next.get(&m.partition()).unwrap_or(&n));
                         if m.offset() > expected {
-                            let tries = gap_tries.entry(m.partition()).or_insert(0);
-                            if *tries < 8 {
-                                *tries += 1;
-                                let back = if *tries >= 7 { Offset::Beginning } else { Offset::Offset((expected - (256i64 << (2 * *tries))).max(0)) };
-                                tracing::warn!(partition = m.partition(), expected, got = m.offset(), ?back, "offset gap; re-reading");
-                                st.gap_rereads += 1;
-                                if consumer.seek(&cfg.topic, m.partition(), back, Duration::from_secs(5)).is_ok() {
-                                    continue;
-                                }
-                            } else {
-                                tracing::error!(partition = m.partition(), expected, got = m.offset(), "offsets missing from the topic (retention?); continuing after them");
-                            }
+                            st.offset_gaps += 1;
+                            tracing::warn!(partition = m.partition(), expected, got = m.offset(), "offset gap: records missing from the topic");
                         }
-                        gap_tries.remove(&m.partition());
                     }
                     batch_next.insert(m.partition(), m.offset() + 1);
                     items.push(classify(&m, cfg.max_message_bytes));
@@ -680,22 +704,6 @@ pub async fn run(
                     if deadline.is_some() { break; }
                     for (p, o) in take_assignments(&assigned) {
                         next.insert(p, o);
-                    }
-                    // Idle with messages left below the high watermark: the broker skipped the
-                    // tail of a record batch (no later message exists to reveal the gap).
-                    if last_watermark_check.elapsed() > Duration::from_secs(2) {
-                        last_watermark_check = Instant::now();
-                        for (&p, &n) in next.iter() {
-                            let Ok((_, high)) = consumer.fetch_watermarks(&cfg.topic, p, Duration::from_secs(2)) else { continue };
-                            if high > n {
-                                let tries = gap_tries.entry(p).or_insert(0);
-                                *tries = (*tries + 1).min(7);
-                                let back = if *tries >= 6 { Offset::Beginning } else { Offset::Offset((n - (256i64 << (2 * *tries))).max(0)) };
-                                tracing::warn!(partition = p, next = n, high, ?back, "idle below the high watermark; re-reading");
-                                st.gap_rereads += 1;
-                                let _ = consumer.seek(&cfg.topic, p, back, Duration::from_secs(5));
-                            }
-                        }
                     }
                 }
                 _ = stop.changed() => return Ok(()),
@@ -719,7 +727,7 @@ pub async fn run(
                     tracing::warn!(error = %e, "database unavailable; batch kept, retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
-                    if let Ok(c) = connect(&cfg.database_url).await {
+                    if let Ok(c) = db.connect().await {
                         client = c;
                     }
                 }

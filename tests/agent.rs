@@ -289,6 +289,34 @@ fn config_errors_name_the_key_and_the_file_or_variable() {
         "{err}"
     );
 
+    // The sink's TLS settings are checked at load: a mode libpq does not have, a CA file
+    // that is not there, a password file that is not there.
+    for (body, want) in [
+        (
+            "database_url = \"host=db sslmode=verify_full\"\n",
+            "sslmode `verify_full`",
+        ),
+        (
+            "database_url = \"host=db sslmode=verify-full sslrootcert=/nonexistent/ca.pem\"\n",
+            "sslrootcert `/nonexistent/ca.pem`: no such file",
+        ),
+        (
+            "database_password_file = \"/nonexistent/pw\"\n",
+            "`/nonexistent/pw`",
+        ),
+    ] {
+        std::fs::write(&sink_file, body).unwrap();
+        let out = Command::new(SINK)
+            .arg("--config")
+            .arg(&sink_file)
+            .args(["config", "check"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("sink.toml") && err.contains(want), "{err}");
+    }
+
     // A good file with an environment override; secrets masked in the printout.
     let (code, out, err) = config_check(
         dir.path(),

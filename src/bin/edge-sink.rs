@@ -100,6 +100,27 @@ fn load_config(file: Option<&std::path::Path>) -> Result<SinkConfig, settings::C
             });
         }
     }
+    // The connection string's TLS options and the password file, checked now so a mistake is
+    // a configuration error (exit 2) rather than a failure at the first connection.
+    if let Err(e) = edge_vision::database::Database::new(
+        &cfg.database_url,
+        cfg.database_password_file.as_deref(),
+    ) {
+        let key = e.key();
+        let text = e.to_string();
+        return Err(settings::ConfigError::Invalid {
+            key: key.into(),
+            origin: loaded
+                .file
+                .as_ref()
+                .map(|f| format!("file {}", f.display()))
+                .unwrap_or_else(|| "defaults or environment".into()),
+            message: text
+                .strip_prefix(&format!("{key}: "))
+                .unwrap_or(&text)
+                .to_string(),
+        });
+    }
     Ok(cfg)
 }
 
@@ -143,9 +164,9 @@ async fn serve_metrics(
             |s| s.broker_errors as f64,
         ),
         (
-            "edge_sink_gap_rereads_total",
-            "Re-reads after the broker skipped offsets.",
-            |s| s.gap_rereads as f64,
+            "edge_sink_offset_gaps_total",
+            "Messages that arrived past a hole in their partition's offsets (records lost upstream).",
+            |s| s.offset_gaps as f64,
         ),
         (
             "edge_sink_lag_messages",
@@ -238,8 +259,21 @@ fn main() -> ExitCode {
             }
             Command::Migrate { database_url } => {
                 let url = database_url.unwrap_or(cfg.database_url);
-                let mut client = sink::connect(&url).await?;
-                let n = sink::migrate(&mut client).await?;
+                let db = edge_vision::database::Database::new(
+                    &url,
+                    cfg.database_password_file.as_deref(),
+                )?;
+                let mut client = db.connect().await?;
+                // Up to date: no DDL at all, so the unit's ExecStartPre works for a role
+                // without CREATE (docs/sink.md).
+                if sink::schema_is_current(&client).await? {
+                    println!("schema is current");
+                    return Ok(());
+                }
+                let n = match sink::migrate(&mut client).await {
+                    Err(sink::SinkError::Migrate(e)) => Err(sink::SinkError::SchemaBehind(e)),
+                    r => r,
+                }?;
                 println!("applied {n} migration(s)");
                 Ok(())
             }

@@ -70,3 +70,4 @@ pub fn ort_reference() -> Vec<Reference> {
 pub mod broker;
 pub mod proxy;
 pub mod rig;
+pub mod tls_pg;
