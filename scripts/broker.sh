@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test rig's Kafka-protocol broker: tansu (Apache-2.0), on loopback only, in-memory storage.
 #
-#   scripts/broker.sh install          # cargo install into ~/.cache/edge-vision/tools (~15 min once)
+#   scripts/broker.sh install          # build into ~/.cache/edge-vision/tools (~15 min once)
 #   scripts/broker.sh start [PORT]     # default 9092; prints the bootstrap address
 #   scripts/broker.sh topic NAME [PORT] [PARTITIONS]
 #   scripts/broker.sh stop [PORT]
@@ -16,12 +16,55 @@ TANSU_VERSION=0.6.0
 RUN="${EDGE_VISION_CACHE:-$HOME/.cache/edge-vision}/run"
 mkdir -p "$RUN"
 
+# tansu 0.6.0 has two bugs our kill tests walk into, so we build it from its crates.io
+# sources with small fixes, one patch per crate in scripts/tansu/ (CRATE.patch):
+# * tansu-storage: a fetch that starts inside a record batch was answered with the *next*
+#   batch, so a consumer resuming from a stored offset mid-batch silently lost the rest of that
+#   batch (Kafka serves the containing batch; the client skips the records before its offset).
+# * tansu-broker: when a member's session expired, the heartbeat that noticed it removed the
+#   member but left the group "formed", so the survivors rejoined the old generation and the
+#   dead member's partitions stayed assigned to nobody.
+# Crate checksums are pinned (the ones crates.io's index holds). The build directory is kept
+# in the cache, so changing a patch rebuilds only the patched crates.
+TANSU_PATCHES="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/tansu"
+declare -A TANSU_SHA256=(
+  [tansu]=4fdd85473ec265140488cf8d55e82b844f5c051c8916fabdd4a71156ac053f6d
+  [tansu-storage]=720d2ed8e6010c70f7f06e5af5a7274ebbf6e42fdcd9e46de542b10dc4d2f35d
+  [tansu-broker]=93c1e91b40c2a706dfdbe9a795c08c70918c874ad23f6e0e87564cc0a180e720
+)
+STAMP="$TOOLS/bin/tansu.build"
+
 install() {
-  if [ -x "$TANSU" ] && "$TANSU" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+  local want
+  want="tansu $TANSU_VERSION + $(cat "$TANSU_PATCHES"/*.patch | sha256sum | cut -c1-16)"
+  if [ -x "$TANSU" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$want" ]; then
     echo "$TANSU"; return
   fi
-  echo "installing tansu $TANSU_VERSION (cargo install, ~15 min the first time)" >&2
-  cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore --root "$TOOLS" >&2
+  echo "building $want (cargo build from crates.io sources, ~15 min the first time)" >&2
+  local build="$TOOLS/tansu-build" src crate
+  src="$build/src"
+  rm -rf "$src" && mkdir -p "$src"
+  fetch_crate() { # NAME
+    curl -sSfL --retry 3 -o "$src/$1.crate" "https://static.crates.io/crates/$1/$1-$TANSU_VERSION.crate"
+    echo "${TANSU_SHA256[$1]}  $src/$1.crate" | sha256sum -c --quiet - >&2
+    tar xzf "$src/$1.crate" -C "$src"
+  }
+  fetch_crate tansu
+  printf '\n[patch.crates-io]\n' >>"$src/tansu-$TANSU_VERSION/Cargo.toml"
+  for p in "$TANSU_PATCHES"/*.patch; do
+    crate="$(basename "$p" .patch)"
+    fetch_crate "$crate"
+    patch -s -p1 -d "$src/$crate-$TANSU_VERSION" <"$p" >&2
+    printf '%s = { path = "../%s-%s" }\n' "$crate" "$crate" "$TANSU_VERSION" \
+      >>"$src/tansu-$TANSU_VERSION/Cargo.toml"
+  done
+  # The crate's own Cargo.lock pins every other dependency; only the patched crates' sources
+  # change.
+  CARGO_TARGET_DIR="$build/target" cargo build --release --features dynostore --bin tansu \
+    --manifest-path "$src/tansu-$TANSU_VERSION/Cargo.toml" >&2
+  mkdir -p "$TOOLS/bin"
+  cp "$build/target/release/tansu" "$TANSU.tmp" && mv "$TANSU.tmp" "$TANSU"
+  echo "$want" >"$STAMP"
   echo "$TANSU"
 }
 

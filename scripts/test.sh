@@ -17,7 +17,9 @@ step "fixtures (real weights and photos)"
 EDGE_VISION_FIXTURES="$(bash scripts/fetch-fixtures.sh)"
 export EDGE_VISION_FIXTURES
 
-step "Kafka-protocol broker for the test rig (tansu, cached outside the clone)"
+step "Kafka-protocol broker for the test rig (tansu + scripts/tansu fixes, cached outside the clone)"
+command -v patch >/dev/null && command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq patch curl; }
+command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl; }  # test CA for TLS to PostgreSQL
 TANSU="$(bash scripts/broker.sh install)"
 export TANSU
 

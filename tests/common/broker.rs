@@ -29,6 +29,21 @@ pub fn tansu() -> PathBuf {
     p
 }
 
+/// Where the broker's log (tansu writes it to stdout) goes: `$EDGE_VISION_BROKER_LOG` (appended; set `RUST_LOG` too, e.g.
+/// `info`, to see tansu's group coordinator), else nowhere.
+fn broker_log() -> Stdio {
+    std::env::var_os("EDGE_VISION_BROKER_LOG")
+        .and_then(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .ok()
+        })
+        .map(Stdio::from)
+        .unwrap_or_else(Stdio::null)
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -73,8 +88,8 @@ impl Broker {
                 "--storage-engine",
                 "memory://tansu/",
             ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(broker_log())
+            .stderr(broker_log())
             .spawn()
             .expect("start tansu");
         let deadline = Instant::now() + Duration::from_secs(20);
