@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use criterion::{criterion_group, criterion_main, Criterion};
-use edge_vision::detect::{self, weights::ModelFile, Detector, DetectorConfig, ModelSize};
+use edge_vision::agent::detect::{self, weights::ModelFile, Detector, DetectorConfig, ModelSize};
 
 fn fixtures() -> PathBuf {
     let home = std::env::var_os("HOME")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `edge-agent run` end to end on this machine, in one run:
 #   * pipeline fps (capture thread decoding JPEGs -> inference -> outbox -> Kafka) vs bare
-#     inference fps (`edge-agent bench --images`: whole detections over the same frames, already
+#     inference fps (`edge-vision-dev bench --images`: whole detections over the same frames, already
 #     decoded) -> ratio (bar: >= 0.95);
 #   * peak RSS of the running agent with the real YOLOv8s at 640 (goal: <= 200 MB);
 #   * cold start to first detection (process start -> first committed detection event).
@@ -14,7 +14,8 @@ cd "$(dirname "$0")/.."
 N="${1:-60}"
 F="$(bash scripts/fetch-fixtures.sh)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/edge-vision/target}"
-cargo build --release --quiet --bin edge-agent
+cargo build --release --quiet --bin edge-agent --bin edge-vision-dev
+DEV="$CARGO_TARGET_DIR/release/edge-vision-dev"
 BIN="$CARGO_TARGET_DIR/release/edge-agent"
 MODEL="$F/fall.safetensors"
 [ -s "$MODEL" ] || "$BIN" model import "$F/fall-best.pt" -o "$MODEL" >&2
@@ -34,7 +35,7 @@ done
 
 RESULTS="$T/results"
 for SIZE in 640 320; do
-  "$BIN" bench --model "$MODEL" --size "$SIZE" --images "$T/frames" --runs 1 >"$T/bare$SIZE"
+  "$DEV" bench --model "$MODEL" --size "$SIZE" --images "$T/frames" --runs 1 >"$T/bare$SIZE"
   cat >"$T/agent$SIZE.toml" <<TOML
 device_id = "bench"
 [source]

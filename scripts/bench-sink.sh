@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 N="${1:-1000000}"
 P="${2:-3}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/edge-vision/target}"
-cargo build --release --quiet --bin edge-sink
+cargo build --release --quiet --bin edge-vision-dev
 bash scripts/postgres.sh
 PORT=$((20000 + RANDOM % 20000))
 bash scripts/broker.sh start "$PORT" >/dev/null
@@ -22,5 +22,5 @@ trap 'bash scripts/broker.sh stop "$PORT"' EXIT
 bash scripts/broker.sh topic sinkbench "$PORT" "$P" >/dev/null
 # Default: the built-in sslmode (prefer), i.e. TLS whenever the server offers it, as a user
 # gets it; both sides of the comparison use the same connection settings.
-"$CARGO_TARGET_DIR/release/edge-sink" bench --brokers "127.0.0.1:$PORT" --topic sinkbench --events "$N" \
+"$CARGO_TARGET_DIR/release/edge-vision-dev" sink-bench --brokers "127.0.0.1:$PORT" --topic sinkbench --events "$N" \
   --server "${SERVER:-host=127.0.0.1 user=postgres}"

@@ -10,8 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${1:-864000}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/edge-vision/target}"
-cargo build --release --quiet --bin edge-agent
+cargo build --release --quiet --bin edge-agent --bin edge-vision-dev
 BIN="$CARGO_TARGET_DIR/release/edge-agent"
+DEV="$CARGO_TARGET_DIR/release/edge-vision-dev"
 bash scripts/broker.sh install >/dev/null
 PORT=$((20000 + RANDOM % 20000))
 bash scripts/broker.sh start "$PORT" >/dev/null
@@ -21,8 +22,8 @@ bash scripts/broker.sh topic bench-agent "$PORT" 3 >/dev/null
 bash scripts/broker.sh topic bench-raw "$PORT" 3 >/dev/null
 
 echo "enqueue ($N events, batches of 100 and 1000, durability full):" >&2
-"$BIN" outbox fill --outbox "$T/b100.sqlite" --count 100000 --batch 100 --json >"$T/fill100"
-"$BIN" outbox fill --outbox "$T/outbox.sqlite" --count "$N" --batch 1000 --max-bytes 4000000000 --json >"$T/fill"
+"$DEV" outbox fill --outbox "$T/b100.sqlite" --count 100000 --batch 100 --json >"$T/fill100"
+"$DEV" outbox fill --outbox "$T/outbox.sqlite" --count "$N" --batch 1000 --max-bytes 4000000000 --json >"$T/fill"
 # Three rounds, each on fresh copies of the same outbox; agent and bare producer alternate.
 for r in 1 2 3; do
   cp "$T/outbox.sqlite" "$T/a.sqlite"; cp "$T/outbox.sqlite" "$T/r.sqlite"
@@ -34,7 +35,7 @@ for r in 1 2 3; do
   "$BIN" outbox drain --outbox "$T/a.sqlite" --brokers "127.0.0.1:$PORT" --topic "bench-agent-$r" --exit-when-empty --fifo --max-bytes 4000000000 >"$T/drain$r"
   sync; sleep 2
   echo "round $r: bare rdkafka producer, same payloads" >&2
-  "$BIN" outbox raw-send --outbox "$T/r.sqlite" --brokers "127.0.0.1:$PORT" --topic "bench-raw-$r" >"$T/raw$r"
+  "$DEV" outbox raw-send --outbox "$T/r.sqlite" --brokers "127.0.0.1:$PORT" --topic "bench-raw-$r" >"$T/raw$r"
   rm -f "$T/a.sqlite"* "$T/r.sqlite"*
 done
 python3 - "$T" "$N" <<'PY'

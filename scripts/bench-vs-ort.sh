@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 RUNS="${1:-20}"
 F="$(bash scripts/fetch-fixtures.sh)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/edge-vision/target}"
-cargo build --release --quiet --bin edge-agent
+cargo build --release --quiet --bin edge-agent --bin edge-vision-dev
+DEV="$CARGO_TARGET_DIR/release/edge-vision-dev"
 BIN="$CARGO_TARGET_DIR/release/edge-agent"
 python3 -c 'import onnxruntime, numpy, PIL' 2>/dev/null || python3 -m pip install --quiet onnxruntime numpy pillow >&2
 MODEL="$F/fall.safetensors"
@@ -19,9 +20,9 @@ MODEL="$F/fall.safetensors"
 
 rss() { awk -F: '/Maximum resident set size/ {gsub(/ /, "", $2); printf "%.0f", $2/1024}' "$1"; }
 T=$(mktemp -d)
-/usr/bin/time -v "$BIN" bench --model "$MODEL" --image "$F/bus.jpg" --size 640 --runs "$RUNS" --json >"$T/c640" 2>"$T/c640.time"
+/usr/bin/time -v "$DEV" bench --model "$MODEL" --image "$F/bus.jpg" --size 640 --runs "$RUNS" --json >"$T/c640" 2>"$T/c640.time"
 /usr/bin/time -v python3 scripts/ort_reference.py bench "$F/fall-best.onnx" "$F/bus.jpg" --runs "$RUNS" >"$T/o640" 2>"$T/o640.time"
-/usr/bin/time -v "$BIN" bench --model "$MODEL" --image "$F/bus.jpg" --size 320 --runs "$RUNS" --json >"$T/c320" 2>"$T/c320.time"
+/usr/bin/time -v "$DEV" bench --model "$MODEL" --image "$F/bus.jpg" --size 320 --runs "$RUNS" --json >"$T/c320" 2>"$T/c320.time"
 python3 - "$T" <<'PY'
 import json, sys, os, platform, subprocess, datetime
 t = sys.argv[1]

@@ -5,61 +5,58 @@
 //!
 //! # Layout
 //!
-//! * [`detect`] — the detector (feature `agent`): the YOLOv8 network in `candle-nn`
-//!   ([`detect::model`]), the CPU fast path for its convolutions (BatchNorm folded, GEMM with
-//!   fused bias + SiLU), image input and letterboxing ([`detect::image_io`]), decoding and NMS
-//!   ([`detect::postprocess`]), model files ([`detect::weights`]), the native importer of
-//!   Ultralytics checkpoints ([`detect::import`]) and box drawing ([`detect::annotate`]).
-//! * [`fetch`] — `edge-agent model fetch`: downloads a model from `models/manifest.toml` with a
-//!   checksum (feature `agent`).
-//! * [`event`] — the versioned event schema shared by agent and sink (`docs/schema.md`).
-//! * [`outbox`] — the bounded, crash-safe SQLite store-and-forward queue on the device.
-//! * [`uplink`] — drains the outbox to Kafka (rdkafka), deleting rows only after the broker's
-//!   acknowledgement; an explicit state machine (`Online`, `Backlogged`, `Offline`,
-//!   `ShuttingDown`).
-//! * [`sink`] — `edge-sink`: Kafka -> PostgreSQL in one transaction per batch (COPY BINARY,
-//!   falling back to staging + `ON CONFLICT DO NOTHING` for batches with duplicates), offsets
-//!   stored with the rows (feature `sink`).
-//! * [`database`] — PostgreSQL connections: libpq connection strings with libpq's `sslmode`
-//!   semantics over OpenSSL, password from a file (feature `sink`).
-//! * [`source`] — frame sources behind one trait: V4L2 cameras through `nokhwa` (MJPEG and
-//!   YUYV decoded here), image directories, a synthetic pattern (feature `agent`).
-//! * [`agent`] — `edge-agent run`: capture -> inference -> outbox writer -> uplink as threads
-//!   joined by bounded channels, with heartbeats for systemd's watchdog (feature `agent`).
-//! * [`settings`] — layered configuration (embedded defaults, TOML file, environment) whose
-//!   errors name the key and the file or variable.
-//! * [`kafka`] — TLS/SASL settings shared by uplink and sink, secrets read from files.
-//! * [`metrics`] — Prometheus text exposition and `/healthz` on a local address.
-//! * [`notify`] — systemd's `sd_notify` protocol (`READY=1`, `WATCHDOG=1`).
-//! * `src/bin/edge-agent.rs` — the device agent's command line; thin, over this library.
-//! * `src/bin/edge-sink.rs` — the Kafka -> PostgreSQL sink (feature `sink`).
+//! The folders are the architecture. A frame travels, one module per stage, in this order:
+//!
+//! ```text
+//!  agent/source ─▶ agent/capture ─▶ agent/inference ─▶ agent/writer ─▶ agent/outbox
+//!                                  (agent/detect)                          │ SQLite
+//!                                                                          ▼
+//!  PostgreSQL ◀── sink/writer ◀── sink/consumer ◀── Kafka ◀────────── agent/uplink
+//! ```
+//!
+//! * [`agent`] — the device side, `edge-agent` (feature `agent`): [`agent::source`] (V4L2
+//!   cameras through `nokhwa`, image directories, a synthetic pattern), the capture,
+//!   inference and writer stages joined by bounded channels, [`agent::detect`] (the YOLOv8
+//!   network in `candle-nn` with our CPU fast path; `Device::Cpu` today, see the `cuda`
+//!   feature below), [`agent::outbox`] (the bounded, crash-safe SQLite queue) and
+//!   [`agent::uplink`] (drains it to Kafka, deleting rows only after the broker's
+//!   acknowledgement), plus its configuration, health and `status`.
+//! * [`sink`] — the data-centre side, `edge-sink` (feature `sink`): [`sink::consumer`] (Kafka,
+//!   partitions assigned at PostgreSQL's offsets), [`sink::writer`] (rows, dead letters and
+//!   offsets in one transaction), [`sink::schema`], [`sink::database`] (libpq strings with
+//!   libpq's `sslmode` over OpenSSL), its configuration and metrics.
+//! * Shared by both sides: [`event`] (the versioned event schema, `docs/schema.md`),
+//!   [`settings`] (layered configuration whose errors name the key and the file or
+//!   variable), [`kafka`] (TLS/SASL settings, secrets read from files), [`metrics`]
+//!   (Prometheus text and `/healthz`), [`notify`] (systemd's `sd_notify`), [`exit`] (exit
+//!   codes, one table for every binary).
+//! * [`testkit`] — developer tooling (feature `testkit`, not in the device package): the one
+//!   synthetic-event generator of tests, benches and tools, and the benchmark commands.
+//! * `src/bin/edge-agent.rs`, `src/bin/edge-sink.rs`, `src/bin/edge-vision-dev.rs` — argument
+//!   parsing and one library call per subcommand.
+//!
+//! Which module may call which is in `docs/architecture.md`: the agent and the sink never
+//! call each other; both call the shared modules; nothing calls `testkit` but tools and tests.
 //!
 //! Cargo features keep the device build lean: `agent` pulls in Candle and image codecs,
-//! `sink` the data-centre dependencies, `cuda` Candle's GPU kernels for Jetson.
+//! `sink` the data-centre dependencies, `testkit` both (tools and tests), `cuda` Candle's GPU
+//! kernels (builds Candle for CUDA; the detector still runs on `Device::Cpu` until the GPU
+//! path selects the device).
 
 #[cfg(feature = "agent")]
 pub mod agent;
-#[cfg(feature = "sink")]
-pub mod database;
-#[cfg(feature = "agent")]
-pub mod detect;
 pub mod event;
-#[cfg(feature = "agent")]
-pub mod fetch;
+pub mod exit;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 #[cfg(feature = "kafka")]
 pub mod metrics;
 pub mod notify;
-#[cfg(feature = "agent")]
-pub mod outbox;
 pub mod settings;
 #[cfg(feature = "sink")]
 pub mod sink;
-#[cfg(feature = "agent")]
-pub mod source;
-#[cfg(feature = "agent")]
-pub mod uplink;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
-/// Version of the crate, printed by both binaries.
+/// Version of the crate, printed by every binary.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -305,14 +305,33 @@ pub async fn serve(
     }
 }
 
+/// The metrics address could not be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("metrics address {addr:?}: {source}")]
+    Parse {
+        addr: String,
+        source: std::net::AddrParseError,
+    },
+    #[error("metrics address {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
 /// Binds the metrics address (`host:port`); errors name the address.
-pub async fn bind(addr: &str) -> Result<TcpListener, String> {
-    let parsed: SocketAddr = addr
-        .parse()
-        .map_err(|e| format!("metrics address {addr:?}: {e}"))?;
+pub async fn bind(addr: &str) -> Result<TcpListener, BindError> {
+    let parsed: SocketAddr = addr.parse().map_err(|source| BindError::Parse {
+        addr: addr.into(),
+        source,
+    })?;
     TcpListener::bind(parsed)
         .await
-        .map_err(|e| format!("metrics address {addr}: {e}"))
+        .map_err(|source| BindError::Bind {
+            addr: addr.into(),
+            source,
+        })
 }
 
 #[cfg(test)]

@@ -82,6 +82,22 @@ pub struct Loaded<T> {
     pub env_vars: Vec<String>,
 }
 
+impl<T> Loaded<T> {
+    /// Where the values came from, for errors: the file, the variables, or the defaults.
+    pub fn origin(&self) -> String {
+        match &self.file {
+            Some(f) if self.env_vars.is_empty() => format!("file {}", f.display()),
+            Some(f) => format!(
+                "file {} or environment {}",
+                f.display(),
+                self.env_vars.join(", ")
+            ),
+            None if self.env_vars.is_empty() => "embedded defaults".into(),
+            None => format!("environment {}", self.env_vars.join(", ")),
+        }
+    }
+}
+
 /// Loads `T` from defaults, the file and the environment (`env` is passed in so tests do not
 /// have to touch the process environment).
 pub fn load<T>(
@@ -234,23 +250,49 @@ pub fn mask_secrets(value: &mut serde_json::Value) {
     }
 }
 
+/// Why the effective configuration could not be printed.
+#[derive(Debug, thiserror::Error)]
+pub enum PrintError {
+    #[error("configuration to JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("configuration to TOML: {0}")]
+    Toml(#[from] toml::ser::Error),
+}
+
 /// The effective configuration as TOML for `config check`: secrets masked, unset options
-/// (JSON `null`, which TOML cannot express) left out.
-pub fn printable<T: Serialize>(config: &T) -> Result<String, String> {
-    fn drop_nulls(v: &mut serde_json::Value) {
+/// (JSON `null`, which TOML cannot express) left out, and `f32` settings printed as written
+/// (`0.45`, not the `0.44999998807907104` of its widening to `f64`).
+pub fn printable<T: Serialize>(config: &T) -> Result<String, PrintError> {
+    fn tidy(v: &mut serde_json::Value) {
         match v {
             serde_json::Value::Object(m) => {
                 m.retain(|_, x| !x.is_null());
-                m.values_mut().for_each(drop_nulls);
+                m.values_mut().for_each(tidy);
             }
-            serde_json::Value::Array(a) => a.iter_mut().for_each(drop_nulls),
+            serde_json::Value::Array(a) => a.iter_mut().for_each(tidy),
+            serde_json::Value::Number(n) => {
+                if let Some(short) = n.as_f64().and_then(shortest_f32) {
+                    *n = short;
+                }
+            }
             _ => {}
         }
     }
-    let mut v = serde_json::to_value(config).map_err(|e| e.to_string())?;
+    let mut v = serde_json::to_value(config)?;
     mask_secrets(&mut v);
-    drop_nulls(&mut v);
-    toml::to_string_pretty(&v).map_err(|e| e.to_string())
+    tidy(&mut v);
+    Ok(toml::to_string_pretty(&v)?)
+}
+
+/// A float that is exactly an `f32` (a widened `f32` setting) as the `f64` of its shortest
+/// decimal form; `None` for integers and for values only an `f64` holds.
+fn shortest_f32(x: f64) -> Option<serde_json::Number> {
+    let narrow = x as f32;
+    if x.fract() == 0.0 || !x.is_finite() || f64::from(narrow) != x {
+        return None;
+    }
+    let short: f64 = narrow.to_string().parse().ok()?;
+    serde_json::Number::from_f64(short)
 }
 
 /// Hides `password=...` in a libpq key/value string and `user:pass@` in a URL.

@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 
 use common::broker::{free_port, Broker};
 use common::rig::database;
+use edge_vision::agent::detect::{Detector, DetectorConfig};
+use edge_vision::agent::source::{self, Frame, FrameSource, SourceError};
 use edge_vision::agent::{self, AgentConfig, Control, SourceKind};
-use edge_vision::detect::{Detector, DetectorConfig};
 use edge_vision::settings;
 use edge_vision::sink;
-use edge_vision::source::{self, Frame, FrameSource, SourceError};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_edge-agent");
 const SINK: &str = env!("CARGO_BIN_EXE_edge-sink");
@@ -388,12 +388,15 @@ fn detector(size: usize) -> Detector {
     .unwrap()
 }
 
-fn assert_same_people(a: &[edge_vision::detect::Detection], b: &[edge_vision::detect::Detection]) {
+fn assert_same_people(
+    a: &[edge_vision::agent::detect::Detection],
+    b: &[edge_vision::agent::detect::Detection],
+) {
     assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
     for d in a {
         let best = b
             .iter()
-            .map(|e| edge_vision::detect::postprocess::iou(&d.bbox, &e.bbox))
+            .map(|e| edge_vision::agent::detect::postprocess::iou(&d.bbox, &e.bbox))
             .fold(0.0, f32::max);
         assert!(best >= 0.9, "{d:?} has no partner with IoU >= 0.9 in {b:?}");
     }

@@ -14,6 +14,14 @@ fn agent(args: &[&str]) -> Output {
         .expect("run edge-agent")
 }
 
+/// The developer tools (`bench`, `outbox fill`, ...), which the device package does not ship.
+fn dev(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_edge-vision-dev"))
+        .args(args)
+        .output()
+        .expect("run edge-vision-dev")
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -189,7 +197,7 @@ fn usage_and_model_errors_have_distinct_exit_codes() {
 #[test]
 fn bench_prints_the_contract_json() {
     let bus = common::fixture("bus.jpg").display().to_string();
-    let o = agent(&[
+    let o = dev(&[
         "--threads",
         "1",
         "bench",
@@ -217,6 +225,54 @@ fn bench_prints_the_contract_json() {
         v["p90_ms"].as_f64().unwrap(),
     );
     assert!(median > 0.0 && p90 >= median, "{v:?}");
+}
+
+/// The device binary ships what an operator runs; benchmarks and synthetic data live in
+/// `edge-vision-dev`, which the package does not contain.
+#[test]
+fn developer_tools_are_not_in_the_device_binary() {
+    for args in [
+        &["bench", "--help"][..],
+        &["outbox", "fill", "--help"],
+        &["outbox", "raw-send", "--help"],
+    ] {
+        let o = agent(args);
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "edge-agent {args:?}: {}",
+            stdout(&o)
+        );
+        assert!(
+            stderr(&o).contains("unrecognized subcommand"),
+            "{}",
+            stderr(&o)
+        );
+        let o = dev(args);
+        assert!(
+            o.status.success(),
+            "edge-vision-dev {args:?}: {}",
+            stderr(&o)
+        );
+    }
+    let help = stdout(&agent(&["outbox", "--help"]));
+    assert!(help.contains("drain") && help.contains("status"), "{help}");
+}
+
+/// `config check` prints floats as they were written, not widened from f32.
+#[test]
+fn config_check_prints_floats_as_written() {
+    let o = Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        .args(["--config", "/dev/null", "config", "check"])
+        .env("EDGE_AGENT__DEVICE_ID", "cam-1")
+        .env("EDGE_AGENT__DETECTOR__CONFIDENCE", "0.3")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("iou = 0.45\n"), "{text}");
+    assert!(text.contains("confidence = 0.3\n"), "{text}");
+    assert!(text.contains("fps = 15.0\n"), "{text}");
 }
 
 #[test]

@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use edge_vision::detect::postprocess::iou;
-use edge_vision::detect::weights::{self, ModelFile};
-use edge_vision::detect::{self, Detector, DetectorConfig, ModelSize};
+use edge_vision::agent::detect::postprocess::iou;
+use edge_vision::agent::detect::weights::{self, ModelFile};
+use edge_vision::agent::detect::{self, Detector, DetectorConfig, ModelSize};
 
 fn detector(config: DetectorConfig) -> Detector {
     Detector::load(common::imported_model(), None, &Device::Cpu, config)
@@ -247,7 +247,8 @@ fn the_fused_cpu_path_matches_candles_reference_convolutions() {
     let img = image::open(common::fixture("bus.jpg")).unwrap();
     let (input, _) = fused.prepare(&img).unwrap();
     let ours = outputs(&fused, &input);
-    let reference = edge_vision::detect::model::reference_forward(&tensors, 1e-3, &input).unwrap();
+    let reference =
+        edge_vision::agent::detect::model::reference_forward(&tensors, 1e-3, &input).unwrap();
     assert_eq!(ours.len(), reference.len());
     let max_err = ours
         .iter()

@@ -5,32 +5,13 @@ use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use edge_vision::event::{Event, FrameSize, Kind, ModelRef, Object};
-use edge_vision::outbox::{file_bytes, Durability, Outbox, OutboxConfig};
+use edge_vision::agent::outbox::{file_bytes, Durability, Outbox, OutboxConfig};
+use edge_vision::event::{Event, Kind};
+use edge_vision::testkit::Synthetic;
 
+/// Event `i` from device `dev`, with one detection (confidences spread over 0.25-0.94) or none.
 fn event(i: u64, with_detections: bool) -> Event {
-    let detections = if with_detections {
-        vec![Object {
-            label: "person".into(),
-            class_id: 0,
-            confidence: 0.25 + (i % 70) as f32 / 100.0,
-            bbox: [0.0, 0.0, 1.0, 1.0],
-        }]
-    } else {
-        Vec::new()
-    };
-    Event::detection(
-        "dev",
-        ModelRef {
-            name: "m".into(),
-            sha256: "0".repeat(64),
-        },
-        FrameSize {
-            width: 640,
-            height: 480,
-        },
-        detections,
-    )
+    Synthetic::new("dev").event(i, usize::from(with_detections))
 }
 
 fn open(path: &std::path::Path, max_bytes: u64) -> Outbox {
@@ -255,7 +236,7 @@ fn sigkill_never_loses_an_acknowledged_enqueue() {
     let p = dir.path().join("o.sqlite");
     let mut acked_max = 0u64;
     for trial in 0..10 {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_edge-vision-dev"))
             .args([
                 "outbox",
                 "fill",

@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::broker::Broker;
 use common::rig::{event, producer, send_all};
 use common::tls_pg::TlsPostgres;
-use edge_vision::database::{self, Database};
+use edge_vision::sink::database::{self, Database};
 
 /// An error with its causes, as `anyhow`'s `{:#}` prints them.
 fn chain(e: &dyn std::error::Error) -> String {

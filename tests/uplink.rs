@@ -8,34 +8,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::broker::Broker;
-use edge_vision::event::{Event, FrameSize, ModelRef, Object};
-use edge_vision::outbox::{Durability, Outbox, OutboxConfig};
-use edge_vision::uplink::{self, State, UplinkConfig, UplinkStatus};
+use edge_vision::agent::outbox::{Durability, Outbox, OutboxConfig};
+use edge_vision::agent::uplink::{self, State, UplinkConfig, UplinkStatus};
+use edge_vision::event::{Event, Object};
+use edge_vision::testkit::Synthetic;
 use tokio::sync::watch;
 
+/// Event `i` from device `dev-1`; every third one without detections.
 fn event(i: u64) -> Event {
-    let detections = if i.is_multiple_of(3) {
-        Vec::new()
-    } else {
-        vec![Object {
-            label: "person".into(),
-            class_id: 0,
-            confidence: 0.5,
-            bbox: [0.0, 0.0, 10.0, 10.0],
-        }]
-    };
-    Event::detection(
-        "dev-1",
-        ModelRef {
-            name: "m".into(),
-            sha256: "0".repeat(64),
-        },
-        FrameSize {
-            width: 640,
-            height: 480,
-        },
-        detections,
-    )
+    Synthetic::new("dev-1").event(i, usize::from(!i.is_multiple_of(3)))
 }
 
 fn outbox(dir: &std::path::Path) -> Arc<Mutex<Outbox>> {

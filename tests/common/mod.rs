@@ -42,7 +42,7 @@ pub fn imported_model() -> &'static Path {
         let dir = std::env::temp_dir().join(format!("edge-vision-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let out = dir.join("fall.safetensors");
-        edge_vision::detect::import::import_checkpoint(&fixture("fall-best.pt"), &out)
+        edge_vision::agent::detect::import::import_checkpoint(&fixture("fall-best.pt"), &out)
             .expect("import best.pt");
         out
     })
@@ -54,7 +54,7 @@ pub struct Reference {
     pub image: String,
     pub width: u32,
     pub height: u32,
-    pub detections: Vec<edge_vision::detect::Detection>,
+    pub detections: Vec<edge_vision::agent::detect::Detection>,
 }
 
 pub fn ort_reference() -> Vec<Reference> {

@@ -4,8 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use edge_vision::event::{Event, FrameSize, ModelRef, Object};
+use edge_vision::event::Event;
 use edge_vision::sink;
+use edge_vision::testkit::Synthetic;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 
@@ -86,28 +87,10 @@ pub async fn wait_for(db: &str, sql: &str, want: i64, timeout: Duration) -> i64 
     }
 }
 
-/// A detection event `i` with `objects` objects, from one of seven devices.
+/// A detection event `i` with `objects` objects, from one of seven devices (`seq = i`).
 pub fn event(i: u64, objects: usize) -> Event {
-    let detections = (0..objects)
-        .map(|k| Object {
-            label: "person".into(),
-            class_id: 0,
-            confidence: 0.5 + k as f32 / 100.0,
-            bbox: [1.0, 2.0, 3.0, 4.0 + i as f32],
-        })
-        .collect();
-    let mut e = Event::detection(
-        &format!("dev-{}", i % 7),
-        ModelRef {
-            name: "m".into(),
-            sha256: "0".repeat(64),
-        },
-        FrameSize {
-            width: 640,
-            height: 480,
-        },
-        detections,
-    );
-    e.seq = i;
-    e
+    Synthetic::new("dev")
+        .devices(7)
+        .with_seq()
+        .event(i, objects)
 }

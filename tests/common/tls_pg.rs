@@ -256,7 +256,7 @@ impl TlsPostgres {
     /// grants docs/sink.md documents (the SQL block is read from the document, so the
     /// document is what gets tested).
     pub async fn least_privilege(&self) {
-        let owner = edge_vision::database::Database::new(
+        let owner = edge_vision::sink::database::Database::new(
             &self.url("localhost", "postgres", "edge", "sslmode=require"),
             None,
         )

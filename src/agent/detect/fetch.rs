@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use sha2::Digest;
 
 /// The manifest shipped with the agent (also installed next to the binary by the package).
-pub const EMBEDDED_MANIFEST: &str = include_str!("../models/manifest.toml");
+pub const EMBEDDED_MANIFEST: &str = include_str!("../../../models/manifest.toml");
 
 /// One downloadable model.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
@@ -138,7 +138,7 @@ pub fn fetch(
             bar.inc(n as u64);
         }
         file.sync_all().map_err(io(&tmp))?;
-        let actual = crate::detect::import::hex(&hasher.finalize());
+        let actual = crate::agent::detect::import::hex(&hasher.finalize());
         if entry.sha256.is_empty() {
             if !trust_unpinned {
                 return Err(FetchError::Unpinned {

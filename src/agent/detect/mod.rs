@@ -5,6 +5,7 @@
 
 pub mod annotate;
 mod conv;
+pub mod fetch;
 pub mod image_io;
 pub mod import;
 pub mod model;
@@ -24,7 +25,7 @@ pub use postprocess::Detection;
 pub use weights::ModelLoadError;
 
 /// The 80 COCO class names, used for 80-class models that carry no names of their own.
-pub const COCO_NAMES: &str = include_str!("../../models/coco.names");
+pub const COCO_NAMES: &str = include_str!("../../../models/coco.names");
 
 /// Input sides the detector accepts: multiples of 32 (the largest stride) in this range.
 pub const MIN_INPUT: usize = 32;

@@ -26,6 +26,15 @@
 //! * **Old outboxes open.** The schema is versioned with `PRAGMA user_version`; every older
 //!   version is migrated forward in a transaction at open. A newer version is refused.
 
+mod evict;
+mod files;
+mod reader;
+mod schema;
+
+pub use files::file_bytes;
+pub use reader::OutboxReader;
+pub use schema::SCHEMA_VERSION;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -34,88 +43,14 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 
 use crate::event::{Event, Evictions, Health, Kind};
 
-/// Schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 2;
-
-/// Version 1: the first release's schema (kept verbatim: migrations start from it).
-const SCHEMA_V1: &str = "
-CREATE TABLE events (
-    seq        INTEGER PRIMARY KEY,
-    event_id   TEXT    NOT NULL UNIQUE,
-    device_id  TEXT    NOT NULL,
-    payload    BLOB    NOT NULL,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-INSERT INTO meta (key, value) VALUES ('next_seq', 1);
-";
-
-/// Version 1 -> 2: value columns for eviction, dead letters, persistent counters. The table is
-/// rebuilt without v1's UNIQUE index on `event_id`: ids are UUIDv7 made once per event, and
-/// that index cost every insert and delete a b-tree update. For the same reason there is no
-/// index on the value columns: eviction is rare (it frees 15% of the cap per round) and
-/// sorts with a bounded heap over one table scan, while every delivered event's delete
-/// would have paid for the index.
-const MIGRATE_V1_V2: &str = "
-CREATE TABLE events_v2 (
-    seq        INTEGER PRIMARY KEY,
-    event_id   TEXT    NOT NULL,
-    device_id  TEXT    NOT NULL,
-    payload    BLOB    NOT NULL,
-    created_at INTEGER NOT NULL,
-    class      INTEGER NOT NULL,
-    max_conf   REAL    NOT NULL,
-    bytes      INTEGER NOT NULL
-);
-INSERT INTO events_v2 (seq, event_id, device_id, payload, created_at, class, max_conf, bytes)
-SELECT seq, event_id, device_id, payload, created_at,
-    CASE
-        WHEN json_extract(payload, '$.kind') != 'detection' THEN 2
-        WHEN json_array_length(payload, '$.detections') > 0 THEN 1
-        ELSE 0 END,
-    coalesce((SELECT max(json_extract(value, '$.confidence'))
-              FROM json_each(payload, '$.detections')), 0),
-    length(payload)
-FROM events;
-DROP TABLE events;
-ALTER TABLE events_v2 RENAME TO events;
-CREATE TABLE dead_letters (
-    seq      INTEGER PRIMARY KEY,
-    event_id TEXT    NOT NULL,
-    payload  BLOB    NOT NULL,
-    reason   TEXT    NOT NULL,
-    at       INTEGER NOT NULL
-);
-INSERT OR IGNORE INTO meta (key, value) VALUES
-    ('evicted_no_detections', 0), ('evicted_low_confidence', 0), ('evicted_oldest', 0),
-    ('evicted_expired', 0), ('quarantined', 0);
-";
-
-const INSERT_EVENT: &str =
-    "INSERT INTO events (seq, event_id, device_id, payload, created_at, class, max_conf, bytes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
-const NEXT_SEQ: &str = "SELECT value FROM meta WHERE key = 'next_seq'";
-const SET_NEXT_SEQ: &str = "UPDATE meta SET value = ?1 WHERE key = 'next_seq'";
-const BUMP_COUNTER: &str = "UPDATE meta SET value = value + ?2 WHERE key = ?1";
-const READ_COUNTER: &str = "SELECT value FROM meta WHERE key = ?1";
-/// When the broker last acknowledged a row (for `edge-agent status` without the agent).
-const SET_LAST_ACK: &str =
-    "INSERT INTO meta (key, value) VALUES ('last_ack_ms', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value";
-const EVICTION_ORDER: &str = "SELECT seq, class FROM events ORDER BY class, max_conf, seq LIMIT ?1";
-const DELETE_EVENT: &str = "DELETE FROM events WHERE seq = ?1";
-const DELETE_RANGE: &str = "DELETE FROM events WHERE seq >= ?1 AND seq <= ?2";
-const SELECT_OLDEST: &str =
-    "SELECT seq, event_id, device_id, payload FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2";
-const SELECT_NEWEST_SINCE: &str =
-    "SELECT seq, event_id, device_id, payload FROM events WHERE created_at >= ?1 ORDER BY seq LIMIT ?2";
-const SELECT_TO_SEND: &str =
-    "SELECT seq, '', device_id, payload FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2";
-const SELECT_BY_SEQ: &str = "SELECT seq, event_id, device_id, payload FROM events WHERE seq = ?1";
-const DEAD_LETTER: &str = "INSERT OR REPLACE INTO dead_letters (seq, event_id, payload, reason, at)
-     SELECT seq, event_id, payload, ?2, ?3 FROM events WHERE seq = ?1";
-const STATS: &str = "SELECT count(*), coalesce(sum(bytes), 0), min(created_at) FROM events";
+use evict::{add, counter_pairs};
+use files::{mmap_limit, now_ms, quarantine, wal_reserve};
+use schema::*;
 
 /// Fsync policy, see the module docs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Durability {
     /// fsync the WAL at every commit: nothing acknowledged is lost, even on power cut.
@@ -231,31 +166,6 @@ pub struct Outbox {
     depth: u64,
 }
 
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
-/// How much of the file to memory-map: all of it on 64-bit, at most 256 MiB of a 32-bit
-/// (armv7) address space.
-fn mmap_limit(max_bytes: u64) -> u64 {
-    let ceiling: u64 = if cfg!(target_pointer_width = "64") {
-        4 << 30
-    } else {
-        256 << 20
-    };
-    max_bytes.min(ceiling)
-}
-
-/// Size of the reserve file (see [`Outbox::ensure_reserve`]).
-fn reserve_bytes(max_bytes: u64) -> u64 {
-    (max_bytes / 64).clamp(64 * 1024, 1024 * 1024)
-}
-
-/// Bytes set aside from the cap for the WAL.
-fn wal_reserve(max_bytes: u64) -> u64 {
-    (max_bytes / 8).clamp(64 * 1024, 4 * 1024 * 1024)
-}
-
 impl Outbox {
     /// Opens (creating, migrating or quarantining as needed).
     pub fn open(cfg: OutboxConfig) -> Result<(Self, OpenReport), OpenError> {
@@ -351,73 +261,9 @@ impl Outbox {
         }
         Ok((outbox, report))
     }
-
-    /// `quick_check` in a separate, read-only connection.
-    fn healthy(path: &Path) -> bool {
-        let Ok(conn) =
-            Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)
-        else {
-            return false;
-        };
-        match conn.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0)) {
-            Ok(s) => s == "ok",
-            Err(_) => false,
-        }
-    }
-
-    fn migrate(&mut self) -> Result<i64, MigrateError> {
-        let found: i64 = self
-            .conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        if found > SCHEMA_VERSION {
-            return Err(MigrateError::TooNew(found));
-        }
-        let tx = self.conn.transaction()?;
-        if found < 1 {
-            tx.execute_batch(SCHEMA_V1)?;
-        }
-        if found < 2 {
-            tx.execute_batch(MIGRATE_V1_V2)?;
-        }
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        tx.commit()?;
-        Ok(found)
-    }
-
     pub fn path(&self) -> &Path {
         &self.cfg.path
     }
-
-    /// The reserve file next to the outbox: a few hundred KiB of zeros, deleted when the disk
-    /// is really full so that checkpoints and evictions can still be written, then re-created.
-    fn reserve_path(&self) -> PathBuf {
-        let mut p = self.cfg.path.clone().into_os_string();
-        p.push(".reserve");
-        PathBuf::from(p)
-    }
-
-    /// Creates the reserve file if it is missing and the disk has room (best effort).
-    fn ensure_reserve(&self) {
-        let path = self.reserve_path();
-        if path.exists() {
-            return;
-        }
-        let size = reserve_bytes(self.cfg.max_bytes) as usize;
-        let tmp = path.with_extension("reserve.tmp");
-        let written = std::fs::File::create(&tmp).and_then(|mut f| {
-            use std::io::Write;
-            f.write_all(&vec![0u8; size])?;
-            f.sync_all()
-        });
-        match written.and_then(|()| std::fs::rename(&tmp, &path)) {
-            Ok(()) => {}
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                tracing::debug!(path = %path.display(), "no room for the reserve file: {e}");
-            }
-        }
-    }
-
     /// Pages in the database file (used and free).
     fn page_count(&self) -> rusqlite::Result<u64> {
         let count: i64 = self.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
@@ -555,94 +401,6 @@ impl Outbox {
             seqs.remove(0);
         }
         Ok(seqs)
-    }
-
-    /// Evicts until `incoming` more bytes fit with some headroom; returns what was evicted
-    /// (not yet recorded: the caller records it with the batch, atomically).
-    fn make_room(&mut self, incoming: u64) -> Result<Evictions, EnqueueError> {
-        let mut total = Evictions::default();
-        if let Some(age) = self.cfg.max_age {
-            total.expired += self.expire(now_ms() - age.as_millis() as i64)?;
-        }
-        // Pages the batch needs (rows + index entries), with slack.
-        let needed = (incoming * 2).div_ceil(self.page_size) + 8;
-        let limit = self.max_pages * 90 / 100;
-        let mut used = self.used_pages()?;
-        while used + needed > limit {
-            let depth = self.depth;
-            if depth == 0 {
-                break;
-            }
-            // Evict towards 75% of the cap, at least a few rows per round.
-            let over = (used + needed).saturating_sub(self.max_pages * 75 / 100);
-            let avg_row_pages = (used as f64 / depth as f64).max(1e-3);
-            let n = ((over as f64 / avg_row_pages).ceil() as u64).clamp(1, depth);
-            let ev = self.evict(n)?;
-            add(&mut total, ev);
-            let after = self.used_pages()?;
-            if after >= used && ev.total() == 0 {
-                break;
-            }
-            used = after;
-        }
-        if total.total() > 0 {
-            tracing::warn!(?total, "outbox at its cap: evicted events by value");
-        }
-        Ok(total)
-    }
-
-    /// Drops events (not health events) created before `cutoff_ms`. `created_at` grows with
-    /// `seq`, so the scan walks from the oldest row and stops at the first young one; no
-    /// index on `created_at` is needed (it would cost every insert and delete).
-    fn expire(&mut self, cutoff_ms: i64) -> rusqlite::Result<u64> {
-        let tx = self.conn.transaction()?;
-        let mut n = 0u64;
-        {
-            let mut scan = tx.prepare_cached(
-                "SELECT seq, created_at, class FROM events ORDER BY seq LIMIT 1000",
-            )?;
-            let mut del = tx.prepare_cached(DELETE_EVENT)?;
-            let rows: Vec<(i64, i64, i64)> = scan
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<rusqlite::Result<_>>()?;
-            for (seq, created, class) in rows {
-                if created >= cutoff_ms {
-                    break;
-                }
-                if class != 2 {
-                    del.execute(params![seq])?;
-                    n += 1;
-                }
-            }
-        }
-        tx.commit()?;
-        self.depth = self.depth.saturating_sub(n);
-        Ok(n)
-    }
-
-    /// Deletes the `n` lowest-value events; returns counts by reason.
-    fn evict(&mut self, n: u64) -> rusqlite::Result<Evictions> {
-        let tx = self.conn.transaction()?;
-        let victims: Vec<(i64, i64)> = {
-            let mut stmt = tx.prepare_cached(EVICTION_ORDER)?;
-            let rows = stmt.query_map(params![n as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            rows.collect::<rusqlite::Result<_>>()?
-        };
-        let mut ev = Evictions::default();
-        {
-            let mut del = tx.prepare_cached(DELETE_EVENT)?;
-            for (seq, class) in &victims {
-                del.execute(params![seq])?;
-                match class {
-                    0 => ev.no_detections += 1,
-                    1 => ev.low_confidence += 1,
-                    _ => ev.oldest += 1,
-                }
-            }
-        }
-        tx.commit()?;
-        self.depth = self.depth.saturating_sub(victims.len() as u64);
-        Ok(ev)
     }
 
     /// Up to `limit` rows to send, skipping `in_flight`. With `live_since_ms`, rows created at
@@ -844,131 +602,6 @@ impl Outbox {
     }
 }
 
-fn pending_row(r: &rusqlite::Row) -> rusqlite::Result<Pending> {
-    Ok(Pending {
-        seq: r.get::<_, i64>(0)? as u64,
-        event_id: r.get(1)?,
-        device_id: r.get(2)?,
-        payload: r.get(3)?,
-    })
-}
-
-/// A second, read-only connection to an open outbox, for the uplink: in WAL mode its reads
-/// neither wait for nor block the writer's commits and checkpoints.
-pub struct OutboxReader {
-    conn: Connection,
-}
-
-impl OutboxReader {
-    /// Up to `limit` rows with `seq > after`, oldest first (`event_id` left empty).
-    pub fn rows_after(&self, after: u64, limit: usize) -> rusqlite::Result<Vec<Pending>> {
-        let mut stmt = self.conn.prepare_cached(SELECT_TO_SEND)?;
-        let rows = stmt.query_map(params![after as i64, limit as i64], pending_row)?;
-        rows.collect()
-    }
-
-    /// Calls `f(seq, key, payload)` for up to `limit` rows with `seq > after`, oldest first,
-    /// with the key and payload borrowed from SQLite (no copy); stops when `f` returns false.
-    pub fn visit_after<E: From<rusqlite::Error>>(
-        &self,
-        after: u64,
-        limit: usize,
-        mut f: impl FnMut(u64, &str, &[u8]) -> Result<bool, E>,
-    ) -> Result<(), E> {
-        let mut stmt = self.conn.prepare_cached(SELECT_TO_SEND)?;
-        let mut rows = stmt.query(params![after as i64, limit as i64])?;
-        while let Some(r) = rows.next()? {
-            let seq = r.get::<_, i64>(0)? as u64;
-            let key = r.get_ref(2)?.as_str().map_err(|e| {
-                rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, e.into())
-            })?;
-            let payload = r.get_ref(3)?.as_blob().map_err(|e| {
-                rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Blob, e.into())
-            })?;
-            if !f(seq, key, payload)? {
-                break;
-            }
-        }
-        Ok(())
-    }
-
-    /// The rows with these seqs that still exist.
-    pub fn rows_by_seq(&self, seqs: &[u64]) -> rusqlite::Result<Vec<Pending>> {
-        let mut stmt = self.conn.prepare_cached(SELECT_BY_SEQ)?;
-        let mut out = Vec::with_capacity(seqs.len());
-        for s in seqs {
-            if let Some(p) = stmt.query_row(params![*s as i64], pending_row).optional()? {
-                out.push(p);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Highest seq queued (0 when empty).
-    pub fn max_seq(&self) -> rusqlite::Result<u64> {
-        self.conn
-            .query_row("SELECT coalesce(max(seq), 0) FROM events", [], |r| {
-                r.get::<_, i64>(0)
-            })
-            .map(|v| v as u64)
-    }
-}
-
-enum MigrateError {
-    Sqlite(rusqlite::Error),
-    TooNew(i64),
-}
-
-impl From<rusqlite::Error> for MigrateError {
-    fn from(e: rusqlite::Error) -> Self {
-        Self::Sqlite(e)
-    }
-}
-
-fn add(into: &mut Evictions, ev: Evictions) {
-    into.no_detections += ev.no_detections;
-    into.low_confidence += ev.low_confidence;
-    into.oldest += ev.oldest;
-    into.expired += ev.expired;
-}
-
-fn counter_pairs(ev: &Evictions) -> [(&'static str, u64); 4] {
-    [
-        ("evicted_no_detections", ev.no_detections),
-        ("evicted_low_confidence", ev.low_confidence),
-        ("evicted_oldest", ev.oldest),
-        ("evicted_expired", ev.expired),
-    ]
-}
-
 fn is_full(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::DiskFull)
-}
-
-/// Size of the database and its WAL on disk.
-pub fn file_bytes(path: &Path) -> u64 {
-    let size = |p: PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-    let mut wal = path.as_os_str().to_owned();
-    wal.push("-wal");
-    size(path.to_owned()) + size(PathBuf::from(wal))
-}
-
-/// Moves a corrupt database (and its WAL/SHM) aside; returns the new path.
-fn quarantine(path: &Path) -> std::io::Result<PathBuf> {
-    let stamp = now_ms();
-    let mut target = path.as_os_str().to_owned();
-    target.push(format!(".corrupt-{stamp}"));
-    let target = PathBuf::from(target);
-    std::fs::rename(path, &target)?;
-    for suffix in ["-wal", "-shm"] {
-        let mut side = path.as_os_str().to_owned();
-        side.push(suffix);
-        let side = PathBuf::from(side);
-        if side.exists() {
-            let mut t = target.as_os_str().to_owned();
-            t.push(suffix);
-            std::fs::rename(&side, PathBuf::from(t))?;
-        }
-    }
-    Ok(target)
 }

@@ -217,12 +217,13 @@ impl FrameSource for ImageFiles {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let image = crate::detect::image_io::load_image(&path, self.max_pixels).map_err(|e| {
-            SourceError::BadFrame {
-                origin: origin.clone(),
-                reason: e.to_string(),
-            }
-        })?;
+        let image =
+            crate::agent::detect::image_io::load_image(&path, self.max_pixels).map_err(|e| {
+                SourceError::BadFrame {
+                    origin: origin.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
         Ok(Frame {
             image,
             captured_at: Utc::now(),
@@ -348,7 +349,7 @@ pub fn decode_mjpeg(data: &[u8], max_pixels: u64) -> Result<DynamicImage, String
         }
         None => data,
     };
-    crate::detect::image_io::decode_image(bytes, Path::new("mjpeg frame"), max_pixels)
+    crate::agent::detect::image_io::decode_image(bytes, Path::new("mjpeg frame"), max_pixels)
         .map_err(|e| e.to_string())
 }
 

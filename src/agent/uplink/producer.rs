@@ -1,0 +1,174 @@
+//! The Kafka side of the uplink: librdkafka settings, the delivery-report context, and how
+//! each send error is classified (retry later, dead-letter, rebuild the producer).
+
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
+use tokio::sync::mpsc;
+
+use super::acker::Bucket;
+use super::{UplinkConfig, UplinkError};
+
+/// The librdkafka producer configuration this uplink uses.
+pub fn client_config(cfg: &UplinkConfig) -> Result<ClientConfig, UplinkError> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", &cfg.compression)
+        .set("linger.ms", cfg.linger_ms.to_string())
+        .set("message.timeout.ms", cfg.message_timeout_ms.to_string())
+        .set("message.max.bytes", cfg.message_max_bytes.to_string())
+        .set(
+            "queue.buffering.max.messages",
+            (cfg.max_in_flight * 2).max(1000).to_string(),
+        )
+        .set("reconnect.backoff.ms", "100")
+        .set("reconnect.backoff.max.ms", "2000")
+        .set("socket.keepalive.enable", "true")
+        .set("log_level", "3");
+    cfg.security
+        .apply(&mut c)
+        .map_err(|e| UplinkError::Secret {
+            path: e.path,
+            source: e.source,
+        })?;
+    for (k, v) in &cfg.librdkafka {
+        c.set(k, v);
+    }
+    Ok(c)
+}
+
+/// How one delivery ended.
+#[derive(Debug)]
+pub(super) enum Outcome {
+    Delivered,
+    /// Not delivered now; the row stays and goes again later.
+    Retry(String),
+    /// Never deliverable: dead-letter it.
+    Fatal(&'static str),
+    /// The credentials or ACLs refuse us: keep everything, back off hard.
+    Unauthorized(String),
+}
+
+pub(super) fn classify(e: &KafkaError) -> Outcome {
+    match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::MessageSizeTooLarge) => Outcome::Fatal("message too large"),
+        Some(
+            RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
+            | RDKafkaErrorCode::SaslAuthenticationFailed
+            | RDKafkaErrorCode::Authentication,
+        ) => Outcome::Unauthorized(e.to_string()),
+        _ => Outcome::Retry(e.to_string()),
+    }
+}
+
+/// What one `send` did.
+pub(super) enum Sent {
+    /// Queued in librdkafka; a delivery report will follow.
+    Queued,
+    /// Queue full or bandwidth cap reached: try again after some deliveries.
+    Backpressure,
+    /// Refused outright (too large, bad configuration, ...).
+    Failed(KafkaError),
+}
+
+/// Hands one row to librdkafka (which copies key and payload), minding the bandwidth cap.
+pub(super) fn send_one(
+    producer: &Kafka,
+    topic: &str,
+    bucket: &mut Option<Bucket>,
+    seq: u64,
+    key: &str,
+    payload: &[u8],
+) -> Sent {
+    if let Some(b) = bucket {
+        if !b.take(payload.len() as u64) {
+            return Sent::Backpressure;
+        }
+    }
+    let record = BaseRecord::with_opaque_to(topic, Box::new(seq))
+        .key(key.as_bytes())
+        .payload(payload);
+    match producer.send(record) {
+        Ok(()) => Sent::Queued,
+        Err((e, _)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+            Sent::Backpressure
+        }
+        Err((e, _)) => Sent::Failed(e),
+    }
+}
+
+/// librdkafka calls `delivery` (on the producer's polling thread) for every message; the
+/// outcome and the row's seq go to the drain loop over a channel.
+pub(super) struct Reports {
+    tx: mpsc::UnboundedSender<(u64, Outcome)>,
+}
+
+/// Sent on the report channel instead of a seq when librdkafka reports every broker down.
+pub(super) const LINK_DOWN: u64 = u64::MAX;
+
+impl ClientContext for Reports {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(error, KafkaError::Global(RDKafkaErrorCode::AllBrokersDown)) {
+            let _ = self
+                .tx
+                .send((LINK_DOWN, Outcome::Retry(reason.to_string())));
+        } else {
+            tracing::warn!("librdkafka: {error}: {reason}");
+        }
+    }
+}
+
+impl ProducerContext for Reports {
+    type DeliveryOpaque = Box<u64>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, seq: Self::DeliveryOpaque) {
+        let outcome = match result {
+            Ok(_) => Outcome::Delivered,
+            Err((e, _)) => classify(e),
+        };
+        let _ = self.tx.send((*seq, outcome));
+    }
+}
+
+pub(super) type Kafka = ThreadedProducer<Reports>;
+
+pub(super) fn producer(
+    cfg: &UplinkConfig,
+    tx: &mpsc::UnboundedSender<(u64, Outcome)>,
+) -> Result<Kafka, UplinkError> {
+    client_config(cfg)?
+        .create_with_context(Reports { tx: tx.clone() })
+        .map_err(UplinkError::Config)
+}
+
+/// A cheap hasher for seq numbers (the in-flight set is touched twice per message).
+#[derive(Clone, Copy, Default)]
+pub(super) struct SeqHash;
+
+impl std::hash::BuildHasher for SeqHash {
+    type Hasher = SeqHasher;
+    fn build_hasher(&self) -> SeqHasher {
+        SeqHasher(0)
+    }
+}
+
+#[derive(Default)]
+pub(super) struct SeqHasher(u64);
+
+impl std::hash::Hasher for SeqHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ *b as u64).wrapping_mul(0x100000001b3);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
