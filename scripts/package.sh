@@ -5,10 +5,16 @@
 #
 # amd64 is built natively (release profile with `device` settings); arm64/armhf come from
 # cross/build.sh. cargo-deb (installed into ~/.cache/edge-vision/tools by scripts/test.sh)
-# packs the binary, unit, sysusers/tmpfiles, default config (conffile) and model manifest.
+# packs the binary, unit, the agent's sysusers/tmpfiles, default config (conffile), model
+# manifest and docs; the package depends on systemd (see Cargo.toml). tests/package.rs installs,
+# upgrades, removes and purges it on a bare Debian 12 root. The sink has no package: see
+# docs/deploy.md ("The sink") for its install steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ARCH="${1:?usage: $0 amd64|arm64|armhf}"
+# The native build needs clang/libclang (V4L2 bindings) and a C toolchain; cross/build.sh setup
+# installs its own.
+[ "$ARCH" != amd64 ] || bash scripts/deps.sh build >&2
 TOOLS="${EDGE_VISION_CACHE:-$HOME/.cache/edge-vision}/tools"
 [ -x "$TOOLS/bin/cargo-deb" ] || cargo install cargo-deb --version 3.8.0 --locked --root "$TOOLS" >&2
 OUT="${PACKAGE_DIR:-$PWD/target/debian}"
