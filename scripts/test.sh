@@ -52,7 +52,7 @@ cargo check --release --no-default-features --features sink --bin edge-sink
 step "benches build"
 cargo bench --no-run --quiet
 
-step "cargo test --release (first run: builds every test binary, ~25 min; the bare-machine and package tests run apt in a chroot, ~5 min)"
+step "cargo test --release (first run: builds every test binary, ~25 min; tests/package.rs runs apt on bare Debian 12 roots, ~1.5 min)"
 LOG="$(mktemp)"
 trap 'rm -f "$LOG"' EXIT
 set +e
