@@ -49,10 +49,10 @@ step "feature split: agent without sink deps, sink without agent deps"
 cargo check --release --no-default-features --features agent --bin edge-agent
 cargo check --release --no-default-features --features sink --bin edge-sink
 
-step "benches build"
-cargo bench --no-run --quiet
+step "benches build (first run: the release build of every dependency, ~15 min)"
+cargo bench --no-run
 
-step "cargo test --release (first run: builds every test binary, ~25 min; tests/package.rs runs apt on bare Debian 12 roots, ~1.5 min)"
+step "cargo test --release (first run: builds the test binaries, ~10-15 min; tests/package.rs runs apt on bare Debian 12 roots, ~1.5 min)"
 LOG="$(mktemp)"
 trap 'rm -f "$LOG"' EXIT
 set +e
