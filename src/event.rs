@@ -116,41 +116,61 @@ pub struct Event {
     pub health: Option<Health>,
 }
 
+/// Which frame (or moment) an event describes: its stable id, a UUIDv7 made once when the
+/// frame is captured, and the capture time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub event_id: Uuid,
+    pub captured_at: DateTime<Utc>,
+}
+
+impl Origin {
+    /// A new id for something happening now (health events, synthetic frames).
+    pub fn now() -> Self {
+        Self {
+            event_id: Uuid::now_v7(),
+            captured_at: Utc::now(),
+        }
+    }
+}
+
 impl Event {
-    /// A detection event for a frame captured now (`seq` is set by the outbox).
+    fn new(origin: Origin, device_id: &str, kind: Kind) -> Self {
+        Self {
+            schema_version: SCHEMA_VERSION,
+            event_id: origin.event_id,
+            device_id: device_id.to_string(),
+            seq: 0,
+            captured_at: origin.captured_at,
+            kind,
+            model: None,
+            frame: None,
+            detections: Vec::new(),
+            health: None,
+        }
+    }
+
+    /// The detection event of the frame `origin` names (`seq` is set by the outbox).
     pub fn detection(
+        origin: Origin,
         device_id: &str,
         model: ModelRef,
         frame: FrameSize,
         detections: Vec<Object>,
     ) -> Self {
         Self {
-            schema_version: SCHEMA_VERSION,
-            event_id: Uuid::now_v7(),
-            device_id: device_id.to_string(),
-            seq: 0,
-            captured_at: Utc::now(),
-            kind: Kind::Detection,
             model: Some(model),
             frame: Some(frame),
             detections,
-            health: None,
+            ..Self::new(origin, device_id, Kind::Detection)
         }
     }
 
-    /// A health event (`kind` must not be `Detection`).
+    /// A health event happening now (`kind` must not be `Detection`).
     pub fn health(device_id: &str, kind: Kind, health: Health) -> Self {
         Self {
-            schema_version: SCHEMA_VERSION,
-            event_id: Uuid::now_v7(),
-            device_id: device_id.to_string(),
-            seq: 0,
-            captured_at: Utc::now(),
-            kind,
-            model: None,
-            frame: None,
-            detections: Vec::new(),
             health: Some(health),
+            ..Self::new(Origin::now(), device_id, kind)
         }
     }
 
@@ -187,6 +207,7 @@ mod tests {
 
     fn sample() -> Event {
         Event::detection(
+            Origin::now(),
             "cam-1",
             ModelRef {
                 name: "fall".into(),

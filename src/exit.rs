@@ -25,6 +25,23 @@ pub trait ExitStatus: std::error::Error {
     fn exit_code(&self) -> u8;
 }
 
+/// A binary's whole `main`: logs to stderr (`RUST_LOG`, else `default_log`), runs `command`
+/// (argument parsing and one library call) and turns its result into the exit code.
+pub fn main<E: ExitStatus>(
+    program: &str,
+    default_log: &str,
+    command: impl FnOnce() -> Result<u8, E>,
+) -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_log.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    report(program, command())
+}
+
 /// What a binary's `main` does with a command's result: prints the error chain on stderr as
 /// `PROGRAM: error: cause: ...` and returns the code to exit with.
 pub fn report<E: ExitStatus>(program: &str, result: Result<u8, E>) -> std::process::ExitCode {

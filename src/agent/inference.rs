@@ -13,7 +13,7 @@ use super::detect::{Detection, Detector};
 use super::health::{now_ms, AgentMetrics, Beats};
 use super::pipeline::RunError;
 use super::snapshots::SnapshotDir;
-use crate::event::{Event, FrameSize, ModelRef, Object};
+use crate::event::{Event, FrameSize, ModelRef, Object, Origin};
 
 /// Do two frames' detections match (same labels, each box IoU >= 0.5 with a partner)?
 pub(super) fn same_detections(a: &[Object], b: &[Object]) -> bool {
@@ -108,7 +108,11 @@ pub(super) fn inference_loop(
         for o in &objects {
             m.detections.add(&o.label, 1);
         }
-        let mut ev = Event::detection(
+        let ev = Event::detection(
+            Origin {
+                event_id: frame.id,
+                captured_at: frame.captured_at,
+            },
             device_id,
             model.clone(),
             FrameSize {
@@ -117,8 +121,6 @@ pub(super) fn inference_loop(
             },
             objects,
         );
-        ev.event_id = frame.id;
-        ev.captured_at = frame.captured_at;
         if let Some(s) = snaps.as_mut() {
             if !ev.detections.is_empty() {
                 match s.write(&ev.event_id.to_string(), &frame.image) {

@@ -155,14 +155,7 @@ enum ModelCommand {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
-    edge_vision::exit::report("edge-agent", dispatch(cli))
+    edge_vision::exit::main("edge-agent", "warn", || dispatch(Cli::parse()))
 }
 
 fn dispatch(cli: Cli) -> Result<u8, CommandError> {

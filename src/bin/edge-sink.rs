@@ -61,14 +61,7 @@ enum ConfigCommand {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
-    edge_vision::exit::report("edge-sink", dispatch(cli))
+    edge_vision::exit::main("edge-sink", "info", || dispatch(Cli::parse()))
 }
 
 fn dispatch(cli: Cli) -> Result<u8, SinkError> {

@@ -4,7 +4,7 @@
 
 pub mod bench;
 
-use crate::event::{Event, FrameSize, ModelRef, Object};
+use crate::event::{Event, FrameSize, ModelRef, Object, Origin};
 
 /// Deterministic synthetic detection events.
 ///
@@ -98,6 +98,7 @@ impl Synthetic {
             })
             .collect();
         let mut e = Event::detection(
+            Origin::now(),
             &self.device_of(i),
             ModelRef {
                 name: "synthetic".into(),
