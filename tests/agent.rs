@@ -451,6 +451,9 @@ fn mjpeg_without_huffman_tables_and_yuyv_frames_decode_to_the_same_detections() 
 // ---------------------------------------------------------------------------------------------
 // The pipeline in-process: a source that fails and recovers
 
+/// A served frame's id and capture time.
+type FrameStamp = (uuid::Uuid, chrono::DateTime<chrono::Utc>);
+
 /// Synthetic frames, then `fail` times Unavailable, then frames again.
 struct Flaky {
     inner: source::Synthetic,
@@ -458,6 +461,8 @@ struct Flaky {
     fail_after: u32,
     failures_left: u32,
     reopens: Arc<Mutex<u32>>,
+    /// (id, capture time) of every frame served.
+    frames: Arc<Mutex<Vec<FrameStamp>>>,
 }
 
 impl FrameSource for Flaky {
@@ -467,7 +472,9 @@ impl FrameSource for Flaky {
             return Err(SourceError::Unavailable("unplugged (test)".into()));
         }
         self.served += 1;
-        self.inner.next_frame()
+        let f = self.inner.next_frame()?;
+        self.frames.lock().unwrap().push((f.id, f.captured_at));
+        Ok(f)
     }
     fn reopen(&mut self) -> Result<(), SourceError> {
         *self.reopens.lock().unwrap() += 1;
@@ -506,12 +513,14 @@ fn a_source_that_fails_then_recovers_writes_both_health_events() {
     cfg.uplink.shutdown_deadline_ms = 500;
     cfg.metrics.listen = String::new();
     let reopens = Arc::new(Mutex::new(0));
+    let frames = Arc::new(Mutex::new(Vec::new()));
     let src = Flaky {
         inner: source::Synthetic::new(320, 240, 20.0),
         served: 0,
         fail_after: 3,
         failures_left: 3,
         reopens: reopens.clone(),
+        frames: frames.clone(),
     };
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
     let report = agent::run(
@@ -557,6 +566,15 @@ fn a_source_that_fails_then_recovers_writes_both_health_events() {
         report.frames_captured,
         "{report:?}"
     );
+    // Each detection event carries its frame's id and capture time, made once at capture.
+    let served = frames.lock().unwrap().clone();
+    for e in events.iter().filter(|e| e.kind.as_str() == "detection") {
+        assert!(
+            served.contains(&(e.event_id, e.captured_at)),
+            "event {} is not a served frame's id",
+            e.event_id
+        );
+    }
     // seq is contiguous: nothing was lost between stages.
     let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");

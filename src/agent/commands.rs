@@ -36,8 +36,8 @@ pub enum CommandError {
     Run(#[from] RunError),
     #[error("uplink: {0}")]
     Uplink(#[from] UplinkError),
-    #[error("listing cameras: {0}")]
-    Cameras(String),
+    #[error(transparent)]
+    Cameras(SourceError),
     #[error(transparent)]
     Print(#[from] PrintError),
     #[error("{what}: {source}")]

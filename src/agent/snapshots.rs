@@ -3,6 +3,18 @@
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 
+/// A snapshot that could not be written (logged; the event is not affected).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SnapshotError {
+    #[error("encoding: {0}")]
+    Encode(#[from] image::ImageError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// A directory of JPEG snapshots kept under a byte cap (oldest deleted first; names are
 /// UUIDv7 event ids, so name order is time order).
 pub(super) struct SnapshotDir {
@@ -33,16 +45,22 @@ impl SnapshotDir {
         })
     }
 
-    pub(super) fn write(&mut self, name: &str, img: &image::DynamicImage) -> Result<(), String> {
+    pub(super) fn write(
+        &mut self,
+        name: &str,
+        img: &image::DynamicImage,
+    ) -> Result<(), SnapshotError> {
         let mut bytes = Vec::new();
         let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, self.quality);
-        img.to_rgb8()
-            .write_with_encoder(enc)
-            .map_err(|e| format!("encoding: {e}"))?;
+        img.to_rgb8().write_with_encoder(enc)?;
         let path = self.dir.join(format!("{name}.jpg"));
         let tmp = self.dir.join(format!(".{name}.jpg.tmp"));
-        std::fs::write(&tmp, &bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| SnapshotError::Io { path, source }
+        };
+        std::fs::write(&tmp, &bytes).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
         self.total += bytes.len() as u64;
         self.files.push_back((path, bytes.len() as u64));
         while self.total > self.max_bytes {

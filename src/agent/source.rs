@@ -301,18 +301,43 @@ pub enum PixelFormat {
     Yuyv,
 }
 
+/// Why one camera frame could not be decoded (the frame is skipped and counted).
+#[derive(Debug, thiserror::Error)]
+pub enum FrameDecodeError {
+    #[error("YUYV needs an even, non-zero width, got {width}x{height}")]
+    YuyvGeometry { width: u32, height: u32 },
+    #[error("{format} frame {width}x{height} needs {need} bytes, got {got}")]
+    Short {
+        format: &'static str,
+        width: u32,
+        height: u32,
+        need: usize,
+        got: usize,
+    },
+    #[error("not a JPEG frame (no SOI marker)")]
+    NotJpeg,
+    #[error(transparent)]
+    Image(#[from] crate::agent::detect::image_io::ImageError),
+    #[error("unsupported pixel format {0}")]
+    Unsupported(String),
+}
+
 /// Decodes one YUYV 4:2:2 frame (V4L2 `YUYV`, BT.601 limited range) to RGB.
-pub fn decode_yuyv(data: &[u8], width: u32, height: u32) -> Result<RgbImage, String> {
+pub fn decode_yuyv(data: &[u8], width: u32, height: u32) -> Result<RgbImage, FrameDecodeError> {
     let (w, h) = (width as usize, height as usize);
     if w == 0 || h == 0 || w % 2 != 0 {
-        return Err(format!("YUYV needs an even, non-zero width, got {w}x{h}"));
+        return Err(FrameDecodeError::YuyvGeometry { width, height });
     }
     let need = w * h * 2;
+    let short = |got: usize| FrameDecodeError::Short {
+        format: "YUYV",
+        width,
+        height,
+        need,
+        got,
+    };
     if data.len() < need {
-        return Err(format!(
-            "YUYV frame {w}x{h} needs {need} bytes, got {}",
-            data.len()
-        ));
+        return Err(short(data.len()));
     }
     let mut out = vec![0u8; w * h * 3];
     for (src, dst) in data[..need].chunks_exact(4).zip(out.chunks_exact_mut(6)) {
@@ -328,14 +353,14 @@ pub fn decode_yuyv(data: &[u8], width: u32, height: u32) -> Result<RgbImage, Str
             dst[k * 3 + 2] = clamp(c + 516 * d);
         }
     }
-    RgbImage::from_raw(width, height, out).ok_or_else(|| "YUYV buffer size".to_string())
+    RgbImage::from_raw(width, height, out).ok_or_else(|| short(data.len()))
 }
 
 /// Decodes one MJPEG frame. Many webcams leave out the Huffman tables (they are implied by the
 /// MJPEG format); the standard ones (JPEG Annex K) are inserted before the scan when missing.
-pub fn decode_mjpeg(data: &[u8], max_pixels: u64) -> Result<DynamicImage, String> {
+pub fn decode_mjpeg(data: &[u8], max_pixels: u64) -> Result<DynamicImage, FrameDecodeError> {
     if data.len() < 4 || data[0] != 0xFF || data[1] != 0xD8 {
-        return Err("not a JPEG frame (no SOI marker)".into());
+        return Err(FrameDecodeError::NotJpeg);
     }
     let patched;
     let bytes = match missing_dht_insert_at(data) {
@@ -349,8 +374,11 @@ pub fn decode_mjpeg(data: &[u8], max_pixels: u64) -> Result<DynamicImage, String
         }
         None => data,
     };
-    crate::agent::detect::image_io::decode_image(bytes, Path::new("mjpeg frame"), max_pixels)
-        .map_err(|e| e.to_string())
+    Ok(crate::agent::detect::image_io::decode_image(
+        bytes,
+        Path::new("mjpeg frame"),
+        max_pixels,
+    )?)
 }
 
 /// Where to insert a DHT segment: the SOS marker's offset, if no DHT comes before it.
@@ -522,15 +550,22 @@ impl FrameSource for Camera {
                 decode_yuyv(buf.buffer(), res.width(), res.height()).map(DynamicImage::ImageRgb8)
             }
             nokhwa::utils::FrameFormat::RAWRGB => {
+                let got = buf.buffer().len();
                 RgbImage::from_raw(res.width(), res.height(), buf.buffer().to_vec())
                     .map(DynamicImage::ImageRgb8)
-                    .ok_or_else(|| "short RGB frame".to_string())
+                    .ok_or(FrameDecodeError::Short {
+                        format: "RGB",
+                        width: res.width(),
+                        height: res.height(),
+                        need: 3 * res.width() as usize * res.height() as usize,
+                        got,
+                    })
             }
-            other => Err(format!("unsupported pixel format {other}")),
+            other => Err(FrameDecodeError::Unsupported(other.to_string())),
         }
-        .map_err(|reason| SourceError::BadFrame {
+        .map_err(|e| SourceError::BadFrame {
             origin: origin.clone(),
-            reason,
+            reason: e.to_string(),
         })?;
         let index = self.index;
         self.index += 1;
@@ -557,8 +592,9 @@ impl FrameSource for Camera {
 }
 
 /// One line per camera the system offers (`edge-agent cameras`).
-pub fn list_cameras() -> Result<Vec<String>, String> {
-    let cams = nokhwa::query(nokhwa::utils::ApiBackend::Auto).map_err(|e| e.to_string())?;
+pub fn list_cameras() -> Result<Vec<String>, SourceError> {
+    let cams = nokhwa::query(nokhwa::utils::ApiBackend::Auto)
+        .map_err(|e| SourceError::Unavailable(format!("listing cameras: {e}")))?;
     Ok(cams
         .iter()
         .map(|c| format!("{}\t{}\t{}", c.index(), c.human_name(), c.description()))

@@ -19,6 +19,15 @@ use super::schema::{migrate, schema_is_current};
 use super::writer::{is_transient, write_batch};
 use super::{SinkError, SinkStatus};
 
+/// Why the rebalance callback could not read the stored offsets (it retries).
+#[derive(Debug, thiserror::Error)]
+enum OffsetsError {
+    #[error("no tokio runtime in the rebalance callback: {0}")]
+    Runtime(#[from] tokio::runtime::TryCurrentError),
+    #[error("database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+}
+
 const SELECT_OFFSETS: &str =
     "SELECT kafka_partition, next_offset FROM sink_offsets WHERE kafka_topic = $1";
 
@@ -48,17 +57,14 @@ impl ClientContext for Ctx {
 }
 
 impl Ctx {
-    fn stored_offsets(&self, topic: &str) -> Result<HashMap<i32, i64>, String> {
-        let handle = tokio::runtime::Handle::try_current().map_err(|e| e.to_string())?;
+    fn stored_offsets(&self, topic: &str) -> Result<HashMap<i32, i64>, OffsetsError> {
+        let handle = tokio::runtime::Handle::try_current()?;
         let db = self.database.clone();
         let topic = topic.to_string();
         tokio::task::block_in_place(|| {
             handle.block_on(async move {
-                let c = db.connect().await.map_err(|e| e.to_string())?;
-                let rows = c
-                    .query(SELECT_OFFSETS, &[&topic])
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let c = db.connect().await?;
+                let rows = c.query(SELECT_OFFSETS, &[&topic]).await?;
                 Ok(rows
                     .iter()
                     .map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1)))

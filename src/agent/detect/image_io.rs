@@ -117,7 +117,7 @@ impl Letterbox {
     /// pixel on the right/bottom.
     ///
     /// ```
-    /// use edge_vision::detect::Letterbox;
+    /// use edge_vision::agent::detect::Letterbox;
     /// // A 1280x720 frame in a 640 input: scale 0.5, 140 grey rows above and below.
     /// let lb = Letterbox::new(1280, 720, 640);
     /// assert_eq!((lb.scale, lb.pad_x, lb.pad_y), (0.5, 0.0, 140.0));

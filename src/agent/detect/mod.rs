@@ -147,7 +147,7 @@ impl Detector {
         device: &Device,
         config: DetectorConfig,
     ) -> Result<Self, LoadError> {
-        config.validate()?;
+        config.validate()?; // before reading a large file for nothing
         let file = weights::ModelFile::read(path)?;
         Self::from_file(file, path, names_file, device, config)
     }

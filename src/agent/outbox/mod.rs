@@ -537,16 +537,20 @@ impl Outbox {
         })
     }
 
+    /// One persistent counter of the `meta` table (0 when it was never written).
+    fn counter(&self, key: &str) -> rusqlite::Result<u64> {
+        let v = self
+            .conn
+            .query_row(READ_COUNTER, params![key], |r| r.get::<_, i64>(0))
+            .optional()?
+            .unwrap_or(0);
+        Ok(u64::try_from(v).unwrap_or(0))
+    }
+
     /// The persistent eviction counters alone: four key lookups, no table scan (metrics read
     /// this on every scrape while the writer and the acker share the connection).
     pub fn evictions(&self) -> rusqlite::Result<Evictions> {
-        let counter = |k: &str| -> rusqlite::Result<u64> {
-            Ok(self
-                .conn
-                .query_row(READ_COUNTER, params![k], |r| r.get::<_, i64>(0))
-                .optional()?
-                .unwrap_or(0) as u64)
-        };
+        let counter = |k: &str| self.counter(k);
         Ok(Evictions {
             no_detections: counter("evicted_no_detections")?,
             low_confidence: counter("evicted_low_confidence")?,
@@ -558,13 +562,7 @@ impl Outbox {
     /// Depth, bytes, counters.
     pub fn stats(&self) -> rusqlite::Result<OutboxStats> {
         let (depth, payload_bytes, oldest) = self.stats_counts()?;
-        let counter = |k: &str| -> rusqlite::Result<u64> {
-            Ok(self
-                .conn
-                .query_row(READ_COUNTER, params![k], |r| r.get::<_, i64>(0))
-                .optional()?
-                .unwrap_or(0) as u64)
-        };
+        let counter = |k: &str| self.counter(k);
         let dead: i64 = self
             .conn
             .query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))?;
