@@ -1,4 +1,4 @@
-//! Criterion benches of the detector's forward pass (what `edge-agent bench` times), on the real
+//! Criterion benches of the detector's forward pass (what `edge-vision-dev bench` times), on the real
 //! imported YOLOv8s fall model at 320 and 640, and on a random YOLOv8n at 640.
 //!
 //!     bash scripts/fetch-fixtures.sh && cargo bench --bench detector

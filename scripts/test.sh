@@ -45,6 +45,9 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --release --all-targets -- -D warnings
 
+step "cargo doc with warnings denied (the layout maps in the module docs link to real items)"
+RUSTDOCFLAGS="-D warnings" cargo doc --release --no-deps --lib
+
 step "feature split: agent without sink deps, sink without agent deps"
 cargo check --release --no-default-features --features agent --bin edge-agent
 cargo check --release --no-default-features --features sink --bin edge-sink

@@ -8,6 +8,10 @@
 //! | 2 | bad usage or configuration (the message names the key and where it came from) |
 //! | 3 | unusable input: a model, image or outbox file (`detect` still does the other images) |
 //! | 4 | network (a model download) |
+//!
+//! A configuration value that cannot be used is a 2 wherever it is found: in the file, in the
+//! environment, or in a flag that overrides them (`edge-sink run --database-url`, a
+//! `metrics_listen` address that cannot be bound).
 
 /// Success.
 pub const OK: u8 = 0;
@@ -44,7 +48,7 @@ pub fn main<E: ExitStatus>(
 
 /// What a binary's `main` does with a command's result: prints the error chain on stderr as
 /// `PROGRAM: error: cause: ...` and returns the code to exit with.
-pub fn report<E: ExitStatus>(program: &str, result: Result<u8, E>) -> std::process::ExitCode {
+fn report<E: ExitStatus>(program: &str, result: Result<u8, E>) -> std::process::ExitCode {
     match result {
         Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {

@@ -33,7 +33,7 @@
 //! * [`testkit`] — developer tooling (feature `testkit`, not in the device package): the one
 //!   synthetic-event generator of tests, benches and tools, and the benchmark commands.
 //! * `src/bin/edge-agent.rs`, `src/bin/edge-sink.rs`, `src/bin/edge-vision-dev.rs` — argument
-//!   parsing and one library call per subcommand.
+//!   parsing (flags folded into the config struct) and one library call per subcommand.
 //!
 //! Which module may call which is in `docs/architecture.md`: the agent and the sink never
 //! call each other; both call the shared modules; nothing calls `testkit` but tools and tests.

@@ -49,6 +49,11 @@ pub enum CommandError {
     Json(#[from] serde_json::Error),
     #[error("imported file does not load back: {0}")]
     ImportCheck(LoadError),
+    #[error("writing {path}: {source}")]
+    Output {
+        path: PathBuf,
+        source: image::ImageError,
+    },
 }
 
 impl ExitStatus for CommandError {
@@ -77,7 +82,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CommandError {
 
 /// Loads and validates the agent's configuration: embedded defaults, then `file` (or
 /// `/etc/edge-agent/agent.toml` when it exists), then `EDGE_AGENT__*` variables.
-pub fn load_config(file: Option<&Path>) -> Result<AgentConfig, ConfigError> {
+fn load_config(file: Option<&Path>) -> Result<AgentConfig, ConfigError> {
     let loaded = settings::load::<AgentConfig>(settings::AGENT, file, &settings::process_env())?;
     loaded.config.validate(&loaded.origin())?;
     Ok(loaded.config)
@@ -211,7 +216,7 @@ pub fn config_check(config: Option<&Path>) -> Result<u8, CommandError> {
 }
 
 /// Opens an outbox file for a command (a corrupt one is moved aside and said so).
-pub fn open_outbox(
+pub(crate) fn open_outbox(
     path: &Path,
     max_bytes: u64,
     durability: Durability,
@@ -271,7 +276,7 @@ pub fn status(config: Option<&Path>, outbox: Option<PathBuf>) -> Result<u8, Comm
         "agent_running": running,
         "source_up": state.as_ref().map(|s| s.source_up),
         "uplink_state": state.as_ref().and_then(|s| s.uplink_state),
-        "state_age_s": state.as_ref().map(|s| (now - s.updated_ms) as f64 / 1000.0),
+        "state_age_s": age_s(now, state.as_ref().map(|s| s.updated_ms)),
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(exit::OK)
@@ -360,8 +365,9 @@ pub fn detect(
                     let out = annotated_path(dir, path);
                     detect::annotate::annotate(&img, &result.detections)
                         .save(&out)
-                        .map_err(|e| {
-                            CommandError::Input(format!("writing {}: {e}", out.display()))
+                        .map_err(|source| CommandError::Output {
+                            path: out.clone(),
+                            source,
                         })?;
                 }
             }

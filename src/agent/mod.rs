@@ -13,19 +13,19 @@
 //!
 //! 1. [`source`] — frame sources behind one trait: V4L2 cameras through `nokhwa` (MJPEG and
 //!    YUYV decoded here), image directories, a synthetic pattern.
-//! 2. [`capture`] — the capture stage: the newest frame into a one-frame slot; a lost camera is
+//! 2. `capture` — the capture stage: the newest frame into a one-frame slot; a lost camera is
 //!    retried with `camera_lost` / `camera_recovered` health events.
 //! 3. [`detect`] — the YOLOv8 detector in Candle (model, CPU fast path, letterbox, NMS, model
 //!    files, the native checkpoint importer, model download).
-//! 4. [`inference`] — the inference stage: detector, class filter, rate cap, change
-//!    detection, [`snapshots`]; one detection event per frame.
-//! 5. [`writer`] — the outbox writer stage: group commit, retried until it is in.
+//! 4. `inference` — the inference stage: detector, class filter, rate cap, change
+//!    detection, `snapshots`; one detection event per frame.
+//! 5. `writer` — the outbox writer stage: group commit, retried until it is in.
 //! 6. [`outbox`] — the bounded, crash-safe SQLite queue (its module doc states the invariants).
 //! 7. [`uplink`] — drains the outbox to Kafka; rows are deleted only after the broker's
 //!    acknowledgement; an explicit state machine.
 //!
-//! Around them: [`config`] (every key of `agent.toml`), [`pipeline`] (the wiring of `run`,
-//! shutdown order), [`health`] (heartbeats for the watchdog and `/healthz`, metrics),
+//! Around them: [`config`] (every key of `agent.toml`), `pipeline` (the wiring of `run`,
+//! shutdown order), `health` (heartbeats for the watchdog and `/healthz`, metrics),
 //! [`status`] (`edge-agent status`), [`commands`] (each subcommand of the binary as one call).
 //!
 //! * The capture→inference hand-off is a one-frame slot. For live sources (camera, synthetic)

@@ -78,7 +78,7 @@ pub struct RunReport {
     pub detections: u64,
     pub seconds: f64,
     /// Frames processed per second, from the first processed frame to the last (start-up and
-    /// shutdown excluded): compare with `edge-agent bench --images`.
+    /// shutdown excluded): compare with `edge-vision-dev bench --images`.
     pub pipeline_fps: f64,
     /// From the start of `run` to the first committed detection event.
     pub first_detection_ms: Option<u64>,
@@ -102,7 +102,7 @@ pub struct Control {
 }
 
 /// Runs the pipeline until `control.stop` or the end of a finite source. `source` is passed in
-/// (see [`open_source`]) so tests can drive the pipeline with a source of their own.
+/// (see [`super::source_factory`]) so tests can drive the pipeline with a source of their own.
 pub fn run(
     cfg: AgentConfig,
     device_id: String,

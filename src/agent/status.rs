@@ -1,5 +1,5 @@
-//! `edge-agent status`: what the running agent last wrote to its state file, and the outbox's
-//! own counters, read without the agent's help.
+//! The state file the running agent refreshes for `edge-agent status` (which adds the
+//! outbox's own counters, read without the agent's help: `commands::status`).
 
 use std::path::{Path, PathBuf};
 

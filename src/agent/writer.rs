@@ -23,7 +23,7 @@ pub struct Committed {
     pub origin: String,
 }
 
-/// Called with each committed batch (see [`Control::on_commit`]).
+/// Called with each committed batch (see [`super::Control::on_commit`]).
 pub type CommitHook = Box<dyn Fn(&[Committed]) + Send>;
 
 /// Writer stage: batches events into outbox transactions. A failed commit is retried with

@@ -19,7 +19,7 @@ pub struct SinkConfig {
     /// Consumer group: run more instances with the same group to scale out.
     pub group_id: String,
     /// libpq connection string (`host=... user=... dbname=... sslmode=verify-full
-    /// sslrootcert=...`); TLS options as libpq's (src/database.rs).
+    /// sslrootcert=...`); TLS options as libpq's (src/sink/database.rs).
     pub database_url: String,
     /// The database password, read from this file (its first line) at start-up; keeps the
     /// secret out of the config file (systemd credentials).

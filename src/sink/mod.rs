@@ -26,13 +26,13 @@
 //! PostgreSQL's offsets, decoding) -> [`writer`] (one transaction: COPY, dead letters, offsets)
 //! -> PostgreSQL, whose schema is [`schema`] (refinery migrations in `migrations/`) and whose
 //! connections are [`database`] (libpq strings, `sslmode` over OpenSSL). [`config`] holds every
-//! key of `sink.toml`, [`health`] the sink's metrics.
+//! key of `sink.toml`, `health` the sink's metrics.
 
 pub mod commands;
 pub mod config;
 pub mod consumer;
 pub mod database;
-pub mod health;
+mod health;
 pub mod schema;
 pub mod writer;
 

@@ -48,6 +48,7 @@ impl ExitStatus for DevError {
     fn exit_code(&self) -> u8 {
         match self {
             DevError::Command(e) => e.exit_code(),
+            DevError::Sink(e) => e.exit_code(),
             DevError::Usage(_) => exit::USAGE,
             DevError::Detect(_) => exit::INPUT,
             _ => exit::INTERNAL,

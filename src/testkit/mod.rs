@@ -1,6 +1,6 @@
 //! Developer tooling, behind the `testkit` feature (on by default for the workspace, off in the
 //! device package): the one synthetic-event generator that tests, benches and tools share, and
-//! the benchmark commands of `edge-vision-dev` ([`bench`]).
+//! the benchmark commands of `edge-vision-dev` ([`mod@bench`]).
 
 pub mod bench;
 
@@ -9,24 +9,23 @@ use crate::event::{Event, FrameSize, ModelRef, Object, Origin};
 /// Deterministic synthetic detection events.
 ///
 /// Event `i` comes from device `DEVICE-(i % devices)` (or `DEVICE` alone when `devices` is 1),
-/// carries [`Synthetic::objects`] objects whose confidences spread evenly over 0.25-0.94, and
-/// has a fresh `event_id` and `captured_at` like a real frame. `seq` is 0 (the outbox assigns
-/// it) unless [`Synthetic::with_seq`] asked for `i`.
+/// carries the objects [`Synthetic::event`] is asked for (confidences spread evenly over
+/// 0.25-0.94), and has a fresh `event_id` and `captured_at` like a real frame. `seq` is 0 (the
+/// outbox assigns it) unless [`Synthetic::with_seq`] asked for each device's own count.
 #[derive(Debug, Clone)]
 pub struct Synthetic {
     /// Device id, or the prefix of the device ids when `devices > 1`.
     pub device: String,
     /// How many devices the events are spread over.
     pub devices: u64,
-    /// Set `seq = i` (what a consumer sees) instead of leaving it to the outbox.
+    /// Set `seq` as a consumer sees it (1, 2, 3, ... per device) instead of leaving it to the
+    /// outbox.
     pub seq: bool,
 }
 
 /// How many objects event `i` carries.
 #[derive(Debug, Clone, Copy)]
 pub enum Objects {
-    /// Exactly this many.
-    Exactly(usize),
     /// A deterministic `share` (0-1) of the events carry 1-3 objects, the rest none.
     Share(f64),
     /// 0 to `max`, spread pseudo-randomly over the events.
@@ -38,7 +37,6 @@ impl Objects {
     pub fn count(self, i: u64) -> usize {
         let spread = i.wrapping_mul(7919);
         match self {
-            Objects::Exactly(n) => n,
             Objects::Share(share) => {
                 if ((spread % 1000) as f64) / 1000.0 < share {
                     1 + (i % 3) as usize
@@ -46,7 +44,10 @@ impl Objects {
                     0
                 }
             }
-            Objects::UpTo(max) => (spread % (max as u64 + 1)) as usize,
+            Objects::UpTo(max) => {
+                let n = u64::try_from(max).unwrap_or(u64::MAX - 1) + 1;
+                usize::try_from(spread % n).unwrap_or(max)
+            }
         }
     }
 }
@@ -67,7 +68,7 @@ impl Synthetic {
         self
     }
 
-    /// Set `seq = i` on event `i`.
+    /// Number events per device: event `i` gets `seq = i / devices + 1`.
     pub fn with_seq(mut self) -> Self {
         self.seq = true;
         self
@@ -111,7 +112,7 @@ impl Synthetic {
             detections,
         );
         if self.seq {
-            e.seq = i;
+            e.seq = i / self.devices + 1;
         }
         e
     }
@@ -145,7 +146,7 @@ mod tests {
         assert_eq!(a.detections, b.detections);
         assert_ne!(a.event_id, b.event_id, "every event is a new frame");
         assert_eq!(a.device_id, "dev-3");
-        assert_eq!(a.seq, 10);
+        assert_eq!(a.seq, 2, "the second event of dev-3");
         assert_eq!(Synthetic::new("one").event(5, 0).device_id, "one");
         let mean: f32 = (0..70).map(|i| confidence(i, 0)).sum::<f32>() / 70.0;
         assert!((mean - 0.595).abs() < 1e-3, "{mean}");

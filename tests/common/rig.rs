@@ -87,7 +87,7 @@ pub async fn wait_for(db: &str, sql: &str, want: i64, timeout: Duration) -> i64 
     }
 }
 
-/// A detection event `i` with `objects` objects, from one of seven devices (`seq = i`).
+/// A detection event `i` with `objects` objects, from one of seven devices (`seq` per device).
 pub fn event(i: u64, objects: usize) -> Event {
     Synthetic::new("dev")
         .devices(7)
