@@ -273,6 +273,20 @@ fn config_errors_name_the_key_and_the_file_or_variable() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("EDGE_AGENT__DETECTOR__CONFIDENCE"), "{err}");
 
+    // The librdkafka pass-through cannot switch off what deleting on acknowledgement needs.
+    for (prop, value) in [("acks", "1"), ("enable.idempotence", "false")] {
+        let (code, _, err) = config_check(
+            dir.path(),
+            Some(&format!("[uplink.librdkafka]\n\"{prop}\" = \"{value}\"\n")),
+            &[],
+        );
+        assert_eq!(code, 2, "{err}");
+        assert!(
+            err.contains(&file) && err.contains(&format!("uplink.librdkafka.{prop}")),
+            "{err}"
+        );
+    }
+
     // The sink names its key and file the same way.
     let sink_file = dir.path().join("sink.toml");
     std::fs::write(&sink_file, "brokers = \"k:9092\"\nbatch_sise = 10\n").unwrap();
@@ -288,6 +302,31 @@ fn config_errors_name_the_key_and_the_file_or_variable() {
         err.contains("sink.toml") && err.contains("batch_sise") && err.contains("line 2"),
         "{err}"
     );
+
+    // ... nor the sink's what keeping offsets in PostgreSQL needs.
+    for (prop, value) in [
+        ("enable.auto.commit", "true"),
+        ("enable.auto.offset.store", "true"),
+        ("partition.assignment.strategy", "cooperative-sticky"),
+    ] {
+        std::fs::write(
+            &sink_file,
+            format!("[librdkafka]\n\"{prop}\" = \"{value}\"\n"),
+        )
+        .unwrap();
+        let out = Command::new(SINK)
+            .arg("--config")
+            .arg(&sink_file)
+            .args(["config", "check"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("sink.toml") && err.contains(&format!("librdkafka.{prop}")),
+            "{err}"
+        );
+    }
 
     // The sink's TLS settings are checked at load: a mode libpq does not have, a CA file
     // that is not there, a password file that is not there.

@@ -263,6 +263,8 @@ impl AgentConfig {
         if self.uplink.topic.is_empty() {
             return Err(bad("uplink.topic", "must not be empty".into()));
         }
+        crate::kafka::check_passthrough(&self.uplink.librdkafka, crate::kafka::PRODUCER_PROTECTED)
+            .map_err(|e| bad(&format!("uplink.librdkafka.{}", e.key), e.to_string()))?;
         Ok(())
     }
 

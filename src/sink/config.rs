@@ -84,6 +84,7 @@ pub fn consumer_config(cfg: &SinkConfig) -> Result<ClientConfig, SinkError> {
         .set("queued.max.messages.kbytes", "65536")
         .set("statistics.interval.ms", "5000");
     cfg.security.apply(&mut cc)?;
+    crate::kafka::check_passthrough(&cfg.librdkafka, crate::kafka::CONSUMER_PROTECTED)?;
     for (k, v) in &cfg.librdkafka {
         cc.set(k, v);
     }
@@ -112,6 +113,8 @@ pub fn load(file: Option<&std::path::Path>) -> Result<SinkConfig, ConfigError> {
             return Err(invalid(key, "must not be empty or zero".into()));
         }
     }
+    crate::kafka::check_passthrough(&cfg.librdkafka, crate::kafka::CONSUMER_PROTECTED)
+        .map_err(|e| invalid(&format!("librdkafka.{}", e.key), e.to_string()))?;
     // The connection string's TLS options and the password file, checked now so a mistake is
     // a configuration error (exit 2) rather than a failure at the first connection.
     if let Err(e) = Database::new(&cfg.database_url, cfg.database_password_file.as_deref()) {

@@ -65,6 +65,8 @@ pub enum SinkError {
     Print(#[from] crate::settings::PrintError),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::BindError),
+    #[error("librdkafka: {0}")]
+    Protected(#[from] crate::kafka::ProtectedError),
     #[error("output: {0}")]
     Json(#[from] serde_json::Error),
     #[error("runtime: {0}")]
@@ -74,9 +76,10 @@ pub enum SinkError {
 impl crate::exit::ExitStatus for SinkError {
     fn exit_code(&self) -> u8 {
         match self {
-            SinkError::Config(_) | SinkError::DbConfig(_) | SinkError::Metrics(_) => {
-                crate::exit::USAGE
-            }
+            SinkError::Config(_)
+            | SinkError::DbConfig(_)
+            | SinkError::Metrics(_)
+            | SinkError::Protected(_) => crate::exit::USAGE,
             _ => crate::exit::INTERNAL,
         }
     }

@@ -129,6 +129,8 @@ pub enum UplinkError {
     Outbox(#[from] rusqlite::Error),
     #[error("outbox lock poisoned")]
     Poisoned,
+    #[error("uplink.librdkafka: {0}")]
+    Protected(#[from] crate::kafka::ProtectedError),
 }
 
 /// What a run did, for logs and tests.

@@ -34,6 +34,7 @@ pub fn client_config(cfg: &UplinkConfig) -> Result<ClientConfig, UplinkError> {
             path: e.path,
             source: e.source,
         })?;
+    crate::kafka::check_passthrough(&cfg.librdkafka, crate::kafka::PRODUCER_PROTECTED)?;
     for (k, v) in &cfg.librdkafka {
         c.set(k, v);
     }
