@@ -351,3 +351,91 @@ fn a_really_full_disk_evicts_and_keeps_going() {
     let check: String = c.query_row("PRAGMA quick_check", [], |r| r.get(0)).unwrap();
     assert_eq!(check, "ok");
 }
+
+/// `edge-agent status` on the outbox of a running agent whose writer holds a write
+/// transaction: it answers at once from a read-only connection and changes nothing (no schema
+/// write, no reserve file, no quarantine).
+#[test]
+fn status_reads_a_live_outbox_without_touching_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.sqlite");
+    let mut ob = open(&path, 64 * 1024 * 1024);
+    let mut batch: Vec<Event> = (0..10).map(|i| event(i, true)).collect();
+    ob.enqueue(&mut batch).unwrap();
+    let reserve = dir.path().join("outbox.sqlite.reserve");
+    std::fs::remove_file(&reserve).unwrap();
+    // The "agent" keeps its outbox open; a second writer holds the write lock meanwhile.
+    let writer = rusqlite::Connection::open(&path).unwrap();
+    writer
+        .execute_batch("BEGIN IMMEDIATE; UPDATE meta SET value = value WHERE key = 'next_seq';")
+        .unwrap();
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        .args(["status", "--outbox", &path.display().to_string()])
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        took < std::time::Duration::from_secs(3),
+        "status waited {took:?}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["depth"], 10, "{v}");
+    assert!(!reserve.exists(), "status re-created the reserve file");
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.contains(".corrupt-")),
+        "status quarantined a live outbox: {names:?}"
+    );
+    writer.execute_batch("COMMIT").unwrap();
+    drop(ob);
+    // `outbox status` reads the same way; a missing file is an input error naming it.
+    let out = Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        .args(["outbox", "status", "--outbox", &path.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let missing = dir.path().join("nope.sqlite");
+    let out = Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        .args(["status", "--outbox", &missing.display().to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope.sqlite"));
+    assert!(!missing.exists(), "status created an outbox");
+}
+
+/// Only real corruption moves an outbox aside: a path that cannot be opened for another
+/// reason (here a directory in the way) is an error, and what is there stays untouched.
+#[test]
+fn an_outbox_that_cannot_be_opened_is_an_error_not_a_quarantine() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.sqlite");
+    std::fs::create_dir(&path).unwrap();
+    std::fs::write(path.join("keep"), b"x").unwrap();
+    let mut cfg = OutboxConfig::new(&path, "dev");
+    cfg.durability = Durability::Normal;
+    let err = match Outbox::open(cfg) {
+        Ok(_) => panic!("opened a directory as an outbox"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("outbox.sqlite"), "{err}");
+    assert!(
+        path.join("keep").exists(),
+        "the path was moved aside: {err}"
+    );
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.contains(".corrupt-")), "{names:?}");
+}

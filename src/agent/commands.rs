@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::detect::fetch::{self, FetchError, ManifestEntry};
 use super::detect::{self, Detector, DetectorConfig, ImageResult, LoadError};
-use super::outbox::{Durability, OpenError, Outbox, OutboxConfig};
+use super::outbox::{read_stats, Durability, OpenError, Outbox, OutboxConfig, ReadError};
 use super::source::{self, SourceError};
 use super::uplink::{self, UplinkConfig, UplinkError, UplinkStatus};
 use super::{AgentConfig, AgentState, CommitHook, Committed, Control, RunError};
@@ -30,6 +30,8 @@ pub enum CommandError {
     Outbox(#[from] OpenError),
     #[error("outbox: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error(transparent)]
+    OutboxRead(#[from] ReadError),
     #[error(transparent)]
     Fetch(#[from] FetchError),
     #[error(transparent)]
@@ -61,9 +63,10 @@ impl ExitStatus for CommandError {
         match self {
             CommandError::Config(_) | CommandError::Usage(_) => exit::USAGE,
             CommandError::Model(LoadError::Config(_)) => exit::USAGE,
-            CommandError::Model(_) | CommandError::Input(_) | CommandError::Outbox(_) => {
-                exit::INPUT
-            }
+            CommandError::Model(_)
+            | CommandError::Input(_)
+            | CommandError::Outbox(_)
+            | CommandError::OutboxRead(_) => exit::INPUT,
             CommandError::Fetch(FetchError::Download { .. }) => exit::NETWORK,
             CommandError::Fetch(FetchError::Manifest { .. } | FetchError::Unknown { .. }) => {
                 exit::USAGE
@@ -236,16 +239,6 @@ pub(crate) fn open_outbox(
     Ok(outbox)
 }
 
-fn existing_outbox(path: &Path) -> Result<Outbox, CommandError> {
-    if !path.exists() {
-        return Err(CommandError::Input(format!(
-            "no outbox at {}",
-            path.display()
-        )));
-    }
-    open_outbox(path, u64::MAX / 4, Durability::Full, "status")
-}
-
 fn age_s(now_ms: i64, t: Option<i64>) -> Option<f64> {
     t.map(|t| (now_ms - t) as f64 / 1000.0)
 }
@@ -257,7 +250,7 @@ pub fn status(config: Option<&Path>, outbox: Option<PathBuf>) -> Result<u8, Comm
         Some(p) => p,
         None => load_config(config)?.outbox.path,
     };
-    let st = existing_outbox(&path)?.stats()?;
+    let st = read_stats(&path)?;
     let now = chrono::Utc::now().timestamp_millis();
     let state: Option<AgentState> = std::fs::read(super::state_file_path(&path))
         .ok()
@@ -284,7 +277,7 @@ pub fn status(config: Option<&Path>, outbox: Option<PathBuf>) -> Result<u8, Comm
 
 /// `edge-agent outbox status`: the outbox file's depth, size and counters.
 pub fn outbox_status(path: &Path) -> Result<u8, CommandError> {
-    let st = existing_outbox(path)?.stats()?;
+    let st = read_stats(path)?;
     let mut v = serde_json::to_value(&st)?;
     v["oldest_pending_age_s"] = serde_json::json!(age_s(
         chrono::Utc::now().timestamp_millis(),

@@ -3,7 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use rusqlite::Connection;
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode};
 
 use super::Outbox;
 
@@ -34,15 +36,29 @@ pub(super) fn wal_reserve(max_bytes: u64) -> u64 {
 
 impl Outbox {
     /// `quick_check` in a separate, read-only connection.
-    pub(super) fn healthy(path: &Path) -> bool {
-        let Ok(conn) =
-            Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)
-        else {
-            return false;
+    ///
+    /// `Ok(false)` only for real corruption: `quick_check` finds damage, or SQLite says the
+    /// file is corrupt or not a database. Anything else (busy, permissions, a directory in
+    /// the way) is an error for the caller: moving a healthy outbox aside would strand its
+    /// undelivered events.
+    pub(super) fn healthy(path: &Path) -> rusqlite::Result<bool> {
+        let corrupt = |e: &rusqlite::Error| {
+            matches!(
+                e.sqlite_error_code(),
+                Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
+            )
         };
+        let conn =
+            match Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE) {
+                Ok(c) => c,
+                Err(e) if corrupt(&e) => return Ok(false),
+                Err(e) => return Err(e),
+            };
+        conn.busy_timeout(Duration::from_secs(5))?;
         match conn.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0)) {
-            Ok(s) => s == "ok",
-            Err(_) => false,
+            Ok(s) => Ok(s == "ok"),
+            Err(e) if corrupt(&e) => Ok(false),
+            Err(e) => Err(e),
         }
     }
 

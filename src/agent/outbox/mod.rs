@@ -30,16 +30,18 @@ mod evict;
 mod files;
 mod reader;
 mod schema;
+mod stats;
 
 pub use files::file_bytes;
 pub use reader::OutboxReader;
 pub use schema::SCHEMA_VERSION;
+pub use stats::{read_stats, ReadError};
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
+use rusqlite::{params, Connection, ErrorCode};
 
 use crate::event::{Event, Evictions, Health, Kind};
 
@@ -184,7 +186,7 @@ impl Outbox {
                 source,
             })?;
         }
-        if path.exists() && !Self::healthy(&path) {
+        if path.exists() && !Self::healthy(&path).map_err(sq)? {
             let moved = quarantine(&path).map_err(|source| OpenError::Quarantine {
                 path: path.clone(),
                 source,
@@ -528,58 +530,18 @@ impl Outbox {
     }
 
     fn stats_counts(&self) -> rusqlite::Result<(u64, u64, Option<i64>)> {
-        self.conn.query_row(STATS, [], |r| {
-            Ok((
-                r.get::<_, i64>(0)? as u64,
-                r.get::<_, i64>(1)? as u64,
-                r.get(2)?,
-            ))
-        })
-    }
-
-    /// One persistent counter of the `meta` table (0 when it was never written).
-    fn counter(&self, key: &str) -> rusqlite::Result<u64> {
-        let v = self
-            .conn
-            .query_row(READ_COUNTER, params![key], |r| r.get::<_, i64>(0))
-            .optional()?
-            .unwrap_or(0);
-        Ok(u64::try_from(v).unwrap_or(0))
+        stats::counts(&self.conn)
     }
 
     /// The persistent eviction counters alone: four key lookups, no table scan (metrics read
     /// this on every scrape while the writer and the acker share the connection).
     pub fn evictions(&self) -> rusqlite::Result<Evictions> {
-        let counter = |k: &str| self.counter(k);
-        Ok(Evictions {
-            no_detections: counter("evicted_no_detections")?,
-            low_confidence: counter("evicted_low_confidence")?,
-            oldest: counter("evicted_oldest")?,
-            expired: counter("evicted_expired")?,
-        })
+        stats::evictions(&self.conn)
     }
 
     /// Depth, bytes, counters.
     pub fn stats(&self) -> rusqlite::Result<OutboxStats> {
-        let (depth, payload_bytes, oldest) = self.stats_counts()?;
-        let counter = |k: &str| self.counter(k);
-        let dead: i64 = self
-            .conn
-            .query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))?;
-        Ok(OutboxStats {
-            depth,
-            payload_bytes,
-            file_bytes: file_bytes(&self.cfg.path),
-            oldest_created_ms: oldest,
-            evictions: self.evictions()?,
-            dead_letters: dead as u64,
-            quarantined: counter("quarantined")?,
-            next_seq: counter("next_seq")?,
-            last_ack_ms: self
-                .conn
-                .query_row(READ_COUNTER, params!["last_ack_ms"], |r| r.get::<_, i64>(0))
-                .optional()?,
-        })
+        stats::of(&self.conn, &self.cfg.path)
     }
 
     /// All rows' seq and class, oldest first (tests and `status`).
