@@ -229,18 +229,18 @@ async fn sigkill_mid_batch_ten_times_exact_counts() {
     for _ in 0..10 {
         let start = count(&db, "SELECT count(*) FROM events").await;
         let mut child = run();
-        // Kill once this instance is writing (after the rebalance), at a random moment.
-        let _ = wait_for(
-            &db,
-            "SELECT count(*) FROM events",
-            start + 1,
-            Duration::from_secs(30),
-        )
-        .await;
+        // Kill once this instance has written a random number of rows (1-4000), polled
+        // closely: a kill on progress rather than after a random delay keeps landing
+        // mid-stream however fast the machine writes (100,000 events over 10 kills).
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
-        tokio::time::sleep(Duration::from_millis(seed % 250)).await;
+        let target = start + 1 + i64::try_from(seed % 4000).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while count(&db, "SELECT count(*) FROM events").await < target && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         unsafe { kill(child.id() as i32, 9) };
         let _ = child.wait();
         if count(&db, "SELECT count(*) FROM events").await < 100_000 {
