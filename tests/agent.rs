@@ -972,6 +972,92 @@ fn watchdog_pings_follow_the_pipeline_heartbeat() {
 
 /// A camera that is not there: the agent keeps running, records `camera_lost`, and `status`
 /// shows it without the agent's help.
+/// An uplink that fails mid-run (here: its credential file vanished, so rebuilding the
+/// producer after a failed probe fails) is restarted with backoff; meanwhile `/healthz` says
+/// so (503) and the metrics count it; once it can start again everything is healthy.
+#[test]
+fn a_failed_uplink_is_restarted_and_health_shows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let frames = frames_dir(dir.path(), 4);
+    let secret = dir.path().join("kafka-password");
+    std::fs::write(&secret, "hunter2\n").unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let body = base_config(
+        dir.path(),
+        &frames,
+        &format!("127.0.0.1:{}", free_port()), // nobody listens: probes fail
+        "t",
+        "fps = 5.0\nloop = true",
+    )
+    .replace("listen = \"\"", &format!("listen = \"{metrics}\""))
+    .replace("message_timeout_ms = 5000", "message_timeout_ms = 1000")
+    .replace("max_backoff_ms = 2000", "max_backoff_ms = 300")
+    .replace(
+        "[metrics]",
+        &format!(
+            "[uplink.security]\nsasl_password_file = \"{}\"\n[metrics]",
+            secret.display()
+        ),
+    );
+    let config = agent_config(dir.path(), &body);
+    let mut a = Agent::spawn(&config, &[]);
+    a.wait_for_lines(3, Duration::from_secs(60));
+    let metric = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let wait_until = |what: &str, ok: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ok() {
+            assert!(
+                Instant::now() < deadline,
+                "{what}; stderr:\n{}",
+                a.stderr.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_until("healthy at start", &|| {
+        http_get(&metrics, "/healthz").0 == 200
+    });
+    std::fs::remove_file(&secret).unwrap();
+    wait_until("the uplink's failure never showed in /healthz", &|| {
+        let (code, body) = http_get(&metrics, "/healthz");
+        code == 503 && body.contains("uplink down") && body.contains("kafka-password")
+    });
+    let (_, text) = http_get(&metrics, "/metrics");
+    assert_eq!(metric(&text, "edge_agent_uplink_up"), 0.0, "{text}");
+    // It keeps trying (with backoff) while the secret is missing ...
+    wait_until("no restart attempts counted", &|| {
+        metric(
+            &http_get(&metrics, "/metrics").1,
+            "edge_agent_uplink_restarts_total",
+        ) >= 2.0
+    });
+    // ... and comes back once it can.
+    std::fs::write(&secret, "hunter2\n").unwrap();
+    wait_until(
+        "the restarted uplink never made /healthz healthy again",
+        &|| http_get(&metrics, "/healthz").0 == 200,
+    );
+    let (_, text) = http_get(&metrics, "/metrics");
+    assert_eq!(metric(&text, "edge_agent_uplink_up"), 1.0, "{text}");
+    assert!(
+        text.contains("edge_agent_uplink_state{state=\"offline\"} 1")
+            || text.contains("edge_agent_uplink_state{state=\"online\"} 1"),
+        "{text}"
+    );
+    a.signal("-TERM");
+    assert_eq!(
+        a.wait(Duration::from_secs(60)),
+        0,
+        "{}",
+        a.stderr.lock().unwrap()
+    );
+}
+
 #[test]
 fn a_missing_camera_is_retried_not_fatal() {
     let dir = tempfile::tempdir().unwrap();

@@ -26,6 +26,8 @@ pub(super) struct AgentMetrics {
     pub(super) enqueue_errors: Arc<Counter>,
     pub(super) snapshots: Arc<Counter>,
     pub(super) camera_up: Arc<Gauge>,
+    pub(super) uplink_up: Arc<Gauge>,
+    pub(super) uplink_restarts: Arc<Counter>,
     /// ms since start of the first and last processed frame (-1: none yet), for `pipeline_fps`.
     pub(super) first_processed_ms: AtomicI64,
     pub(super) last_processed_ms: AtomicI64,
@@ -95,6 +97,14 @@ impl AgentMetrics {
                 "edge_agent_source_up",
                 "1 while the frame source delivers, 0 while it is lost.",
             ),
+            uplink_up: r.gauge(
+                "edge_agent_uplink_up",
+                "1 while the uplink task runs, 0 while it is down and waits to be restarted.",
+            ),
+            uplink_restarts: r.counter(
+                "edge_agent_uplink_restarts_total",
+                "Times the uplink failed and was restarted by its supervisor.",
+            ),
             first_processed_ms: AtomicI64::new(-1),
             last_processed_ms: AtomicI64::new(-1),
             first_event_ms: AtomicI64::new(-1),
@@ -108,6 +118,23 @@ pub(super) struct Beats {
     pub(super) capture: AtomicI64,
     pub(super) inference: AtomicI64,
     pub(super) writer: AtomicI64,
+    /// Every turn of the uplink's loop (`uplink::Beat`).
+    pub(super) uplink: AtomicI64,
+    /// Why the uplink is down while its supervisor waits to restart it; cleared by the
+    /// restarted uplink's first beat.
+    pub(super) uplink_down: Mutex<Option<String>>,
+}
+
+impl Beats {
+    /// The uplink's beat: a fresh stamp, and the end of any "down" it was in.
+    pub(super) fn uplink_beat(&self, t0: Instant) {
+        self.uplink.store(now_ms(t0), Ordering::Relaxed);
+        if let Ok(mut down) = self.uplink_down.try_lock() {
+            if down.is_some() {
+                *down = None;
+            }
+        }
+    }
 }
 
 pub(super) fn now_ms(t0: Instant) -> i64 {
@@ -115,16 +142,24 @@ pub(super) fn now_ms(t0: Instant) -> i64 {
 }
 
 /// `Err(reason)` when a stage has not beaten for `stall`.
+/// Extra silence allowed to the uplink: it may block in a metadata probe (2 s) or while it
+/// rebuilds its producer, both while the broker is unreachable, which is no stall.
+const UPLINK_GRACE_MS: i64 = 5_000;
+
 pub(super) fn stalled(beats: &Beats, t0: Instant, stall: Duration) -> Result<(), String> {
+    if let Some(why) = beats.uplink_down.lock().ok().and_then(|d| d.clone()) {
+        return Err(format!("uplink down, restarting: {why}"));
+    }
     let now = now_ms(t0);
-    let limit = stall.as_millis() as i64;
-    for (name, b) in [
-        ("capture", &beats.capture),
-        ("inference", &beats.inference),
-        ("outbox writer", &beats.writer),
+    let limit = i64::try_from(stall.as_millis()).unwrap_or(i64::MAX);
+    for (name, b, grace) in [
+        ("capture", &beats.capture, 0),
+        ("inference", &beats.inference, 0),
+        ("outbox writer", &beats.writer, 0),
+        ("uplink", &beats.uplink, UPLINK_GRACE_MS),
     ] {
         let age = now - b.load(Ordering::Relaxed);
-        if age > limit {
+        if age > limit.saturating_add(grace) {
             return Err(format!("{name} silent for {age} ms"));
         }
     }
@@ -193,6 +228,12 @@ pub(super) fn register_outbox_metrics(
             })
             .collect()
         }),
+    );
+    let s = status.clone();
+    r.gauge_fn(
+        "edge_agent_uplink_ack_errors",
+        "Deletes of acknowledged rows that failed (those rows are sent again after a restart).",
+        Box::new(move || vec![(String::new(), s.borrow().ack_errors as f64)]),
     );
     let s = status;
     r.gauge_fn(

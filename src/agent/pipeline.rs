@@ -190,12 +190,15 @@ pub fn run(
     );
 
     // Uplink and metrics on the runtime.
-    let uplink_task = rt.spawn(uplink::run(
+    beats.uplink.store(now_ms(t0), Ordering::Relaxed);
+    let uplink_task = rt.spawn(supervise_uplink(
         outbox.clone(),
         cfg.uplink.clone(),
         stop_uplink_rx,
         status_tx,
-        false,
+        beats.clone(),
+        m.clone(),
+        t0,
     ));
     let (stop_http_tx, stop_http_rx) = watch::channel(false);
     if !cfg.metrics.listen.is_empty() {
@@ -382,4 +385,60 @@ pub fn run(
         uplink: uplink_status,
         outbox_depth,
     })
+}
+
+/// Runs the uplink and restarts it with backoff (1 s doubling to 30 s) whenever it fails, so
+/// one error never ends delivery for good. While it is down, `/healthz` answers 503 and the
+/// watchdog ping is withheld (`health::stalled`), `edge_agent_uplink_up` is 0 and each restart
+/// is counted; a failure that outlasts systemd's `WatchdogSec` gets the agent restarted. A
+/// failure while stopping is returned.
+async fn supervise_uplink(
+    outbox: Arc<Mutex<Outbox>>,
+    cfg: uplink::UplinkConfig,
+    stop: watch::Receiver<bool>,
+    status: watch::Sender<UplinkStatus>,
+    beats: Arc<Beats>,
+    m: Arc<AgentMetrics>,
+    t0: Instant,
+) -> Result<(), uplink::UplinkError> {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let b = beats.clone();
+        let beat: uplink::Beat = Arc::new(move || b.uplink_beat(t0));
+        m.uplink_up.set(1.0);
+        let started = Instant::now();
+        let result = uplink::run_with(
+            outbox.clone(),
+            cfg.clone(),
+            stop.clone(),
+            status.clone(),
+            false,
+            beat,
+        )
+        .await;
+        let Err(e) = result else {
+            return Ok(());
+        };
+        m.uplink_up.set(0.0);
+        if *stop.borrow() {
+            return Err(e);
+        }
+        m.uplink_restarts.inc();
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff = Duration::from_secs(1);
+        }
+        tracing::error!(error = %e, retry_in = ?backoff, "uplink failed; restarting it");
+        if let Ok(mut down) = beats.uplink_down.lock() {
+            *down = Some(e.to_string());
+        }
+        let mut stopping = stop.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stopping.changed() => {}
+        }
+        if *stop.borrow() {
+            return Err(e);
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
 }

@@ -18,6 +18,8 @@ use super::{State, UplinkConfig, UplinkError, UplinkStatus};
 
 /// The drain loop's state and the things each state function works on.
 pub(super) struct Uplink {
+    /// Proof of life for the agent's watchdog, called on every turn of [`Uplink::pump`].
+    pub(super) beat: super::Beat,
     /// The queue we drain (writes: dead letters; the ack thread deletes through it too).
     pub(super) outbox: Arc<Mutex<Outbox>>,
     /// Our own read connection, so reads never wait for the writer's commits.
@@ -283,22 +285,31 @@ impl Uplink {
     pub(super) fn sync_acks(&mut self) -> Result<(), UplinkError> {
         self.flush_acks()?;
         self.acker.sync();
-        if let Some(e) = self
+        self.report_ack_error()?;
+        self.publish_acked();
+        Ok(())
+    }
+
+    /// Logs and counts a failed delete of the ack thread as soon as the loop sees it.
+    pub(super) fn report_ack_error(&mut self) -> Result<(), UplinkError> {
+        let failed = self
             .acker
             .error
             .lock()
             .map_err(|_| UplinkError::Poisoned)?
-            .take()
-        {
+            .take();
+        if let Some(e) = failed {
             tracing::error!(error = %e, "outbox delete failed; those events will be sent again after a restart");
+            self.status.send_modify(|s| s.ack_errors += 1);
         }
-        self.publish_acked();
         Ok(())
     }
 
     /// Waits for a delivery report (or a short tick), resolves every report that is ready,
     /// and deletes the delivered rows in one transaction.
     pub(super) async fn pump(&mut self) -> Result<(), UplinkError> {
+        (self.beat)();
+        self.report_ack_error()?;
         let first = if self.in_flight.is_empty() {
             tokio::time::sleep(Duration::from_millis(20)).await;
             None

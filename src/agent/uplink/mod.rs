@@ -143,15 +143,34 @@ pub struct UplinkStatus {
     pub producer_rebuilds: u64,
     pub last_delivery_ms: Option<i64>,
     pub outbox_depth: u64,
+    /// Deletes of acknowledged rows that failed (those rows are sent again after a restart;
+    /// the sink dedupes them).
+    pub ack_errors: u64,
+}
+
+/// Called on every turn of the uplink's loop (at least every 50 ms while it runs, whatever its
+/// state): the agent's watchdog and `/healthz` read it.
+pub type Beat = Arc<dyn Fn() + Send + Sync>;
+
+/// [`run_with`] without a heartbeat (`edge-agent outbox drain`, tests).
+pub async fn run(
+    outbox: Arc<Mutex<Outbox>>,
+    cfg: UplinkConfig,
+    stop: watch::Receiver<bool>,
+    status: watch::Sender<UplinkStatus>,
+    exit_when_empty: bool,
+) -> Result<(), UplinkError> {
+    run_with(outbox, cfg, stop, status, exit_when_empty, Arc::new(|| {})).await
 }
 
 /// Runs the uplink until `stop` turns true (or `exit_when_empty` and the outbox is drained).
-pub async fn run(
+pub async fn run_with(
     outbox: Arc<Mutex<Outbox>>,
     cfg: UplinkConfig,
     mut stop: watch::Receiver<bool>,
     status: watch::Sender<UplinkStatus>,
     exit_when_empty: bool,
+    beat: Beat,
 ) -> Result<(), UplinkError> {
     let (reports_tx, reports) = mpsc::unbounded_channel();
     let producer = producer(&cfg, &reports_tx)?;
@@ -186,6 +205,7 @@ pub async fn run(
         depth: (depth, Instant::now()),
         bucket,
         status,
+        beat,
     };
     let mut state = State::Online;
     loop {
