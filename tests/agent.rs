@@ -231,6 +231,20 @@ fn config_check(dir: &Path, body: Option<&str>, env: &[(&str, &str)]) -> (i32, S
     )
 }
 
+/// `edge-sink --config FILE config check`: exit code and stderr.
+fn sink_config_check(file: &Path) -> (Option<i32>, String) {
+    let out = Command::new(SINK)
+        .arg("--config")
+        .arg(file)
+        .args(["config", "check"])
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn config_errors_name_the_key_and_the_file_or_variable() {
     let dir = tempfile::tempdir().unwrap();
@@ -290,14 +304,8 @@ fn config_errors_name_the_key_and_the_file_or_variable() {
     // The sink names its key and file the same way.
     let sink_file = dir.path().join("sink.toml");
     std::fs::write(&sink_file, "brokers = \"k:9092\"\nbatch_sise = 10\n").unwrap();
-    let out = Command::new(SINK)
-        .arg("--config")
-        .arg(&sink_file)
-        .args(["config", "check"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let (code, err) = sink_config_check(&sink_file);
+    assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("sink.toml") && err.contains("batch_sise") && err.contains("line 2"),
         "{err}"
@@ -314,14 +322,8 @@ fn config_errors_name_the_key_and_the_file_or_variable() {
             format!("[librdkafka]\n\"{prop}\" = \"{value}\"\n"),
         )
         .unwrap();
-        let out = Command::new(SINK)
-            .arg("--config")
-            .arg(&sink_file)
-            .args(["config", "check"])
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{err}");
+        let (code, err) = sink_config_check(&sink_file);
+        assert_eq!(code, Some(2), "{err}");
         assert!(
             err.contains("sink.toml") && err.contains(&format!("librdkafka.{prop}")),
             "{err}"
@@ -345,14 +347,8 @@ fn config_errors_name_the_key_and_the_file_or_variable() {
         ),
     ] {
         std::fs::write(&sink_file, body).unwrap();
-        let out = Command::new(SINK)
-            .arg("--config")
-            .arg(&sink_file)
-            .args(["config", "check"])
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{err}");
+        let (code, err) = sink_config_check(&sink_file);
+        assert_eq!(code, Some(2), "{err}");
         assert!(err.contains("sink.toml") && err.contains(want), "{err}");
     }
 

@@ -3,7 +3,6 @@
 
 use std::path::Path;
 
-use chrono::Utc;
 use image::{DynamicImage, RgbImage};
 
 use super::{Frame, FrameSource, SourceError};
@@ -286,13 +285,7 @@ impl FrameSource for Camera {
         })?;
         let index = self.index;
         self.index += 1;
-        Ok(Frame {
-            image,
-            captured_at: Utc::now(),
-            index,
-            origin,
-            id: uuid::Uuid::now_v7(),
-        })
+        Ok(Frame::captured(image, index, origin))
     }
 
     fn reopen(&mut self) -> Result<(), SourceError> {

@@ -38,6 +38,20 @@ pub struct Frame {
     pub id: uuid::Uuid,
 }
 
+impl Frame {
+    /// A frame captured now: its id (the event's `event_id`, a UUIDv7) and capture time are
+    /// made here, once, and never again downstream.
+    pub fn captured(image: DynamicImage, index: u64, origin: String) -> Self {
+        Self {
+            image,
+            captured_at: Utc::now(),
+            index,
+            origin,
+            id: uuid::Uuid::now_v7(),
+        }
+    }
+}
+
 /// Why no frame came.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -230,13 +244,7 @@ impl FrameSource for ImageFiles {
                     reason: e.to_string(),
                 }
             })?;
-        Ok(Frame {
-            image,
-            captured_at: Utc::now(),
-            index,
-            origin,
-            id: uuid::Uuid::now_v7(),
-        })
+        Ok(Frame::captured(image, index, origin))
     }
 
     fn describe(&self) -> String {
@@ -283,13 +291,11 @@ impl FrameSource for Synthetic {
                 ])
             }
         });
-        Ok(Frame {
-            image: DynamicImage::ImageRgb8(img),
-            captured_at: Utc::now(),
-            index: t,
-            origin: "synthetic".into(),
-            id: uuid::Uuid::now_v7(),
-        })
+        Ok(Frame::captured(
+            DynamicImage::ImageRgb8(img),
+            t,
+            "synthetic".into(),
+        ))
     }
 
     fn describe(&self) -> String {
