@@ -190,15 +190,102 @@ pub enum DecodeError {
     Json(#[from] serde_json::Error),
     #[error("unknown schema_version {0} (this build knows {SCHEMA_VERSION})")]
     Version(u32),
+    #[error("an event is a JSON object, not {0}")]
+    NotAnObject(&'static str),
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
 }
 
-/// Parses and checks one message payload.
+/// Longest `device_id`, model name or label, in bytes (they are indexed and shown).
+pub const MAX_NAME_BYTES: usize = 256;
+/// Longest health message, in bytes.
+pub const MAX_MESSAGE_BYTES: usize = 4096;
+/// Most detections in one event.
+pub const MAX_DETECTIONS: usize = 10_000;
+
+/// Parses and checks one message payload: JSON shape and version, then [`validate`].
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    // serde's derived decoder also takes an event as a positional array; the schema is an
+    // object.
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') | None => {}
+        Some(b'[') => return Err(DecodeError::NotAnObject("an array")),
+        Some(_) => return Err(DecodeError::NotAnObject("a scalar")),
+    }
     let ev: Event = serde_json::from_slice(bytes)?;
     if ev.schema_version != SCHEMA_VERSION {
         return Err(DecodeError::Version(ev.schema_version));
     }
+    validate(&ev)?;
     Ok(ev)
+}
+
+/// The event's own invariants, beyond its JSON shape: texts without NUL and within their
+/// lengths, finite confidences in [0, 1] and finite box coordinates, at most
+/// [`MAX_DETECTIONS`] detections, a capture time in the years 1-9999.
+pub fn validate(ev: &Event) -> Result<(), DecodeError> {
+    fn bad(field: impl Into<String>, reason: impl Into<String>) -> DecodeError {
+        DecodeError::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+    fn text(field: &str, v: &str, max: usize, empty_ok: bool) -> Result<(), DecodeError> {
+        if v.contains('\0') {
+            return Err(bad(field, "contains NUL"));
+        }
+        if v.len() > max {
+            return Err(bad(field, format!("{} bytes, at most {max}", v.len())));
+        }
+        if v.is_empty() && !empty_ok {
+            return Err(bad(field, "empty"));
+        }
+        Ok(())
+    }
+    text("device_id", &ev.device_id, MAX_NAME_BYTES, false)?;
+    let year = chrono::Datelike::year(&ev.captured_at);
+    if !(1..=9999).contains(&year) {
+        return Err(bad("captured_at", format!("year {year} is not in 1-9999")));
+    }
+    if let Some(m) = &ev.model {
+        text("model.name", &m.name, MAX_NAME_BYTES, true)?;
+        text("model.sha256", &m.sha256, MAX_NAME_BYTES, true)?;
+    }
+    if ev.detections.len() > MAX_DETECTIONS {
+        return Err(bad(
+            "detections",
+            format!(
+                "{} detections, at most {MAX_DETECTIONS}",
+                ev.detections.len()
+            ),
+        ));
+    }
+    for (i, d) in ev.detections.iter().enumerate() {
+        text(
+            &format!("detections[{i}].label"),
+            &d.label,
+            MAX_NAME_BYTES,
+            true,
+        )?;
+        if !(d.confidence.is_finite() && (0.0..=1.0).contains(&d.confidence)) {
+            return Err(bad(
+                format!("detections[{i}].confidence"),
+                format!("{} is not in [0, 1]", d.confidence),
+            ));
+        }
+        if let Some(v) = d.bbox.iter().find(|v| !v.is_finite()) {
+            return Err(bad(
+                format!("detections[{i}].bbox"),
+                format!("{v} is not finite"),
+            ));
+        }
+    }
+    if let Some(h) = &ev.health {
+        if let Some(msg) = &h.message {
+            text("health.message", msg, MAX_MESSAGE_BYTES, true)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -287,5 +374,57 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(2));
         let b = sample();
         assert!(a.event_id < b.event_id);
+    }
+
+    #[test]
+    fn values_no_column_can_store_are_refused_with_the_field_named() {
+        let ok = serde_json::to_value(sample()).unwrap();
+        let refused = |edit: &dyn Fn(&mut serde_json::Value), want: &str| {
+            let mut v = ok.clone();
+            edit(&mut v);
+            let e = decode(&serde_json::to_vec(&v).unwrap())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{e} (wanted {want})");
+        };
+        refused(
+            &|v| v["device_id"] = "a\u{0}b".into(),
+            "device_id: contains NUL",
+        );
+        refused(&|v| v["device_id"] = "".into(), "device_id: empty");
+        refused(
+            &|v| v["device_id"] = "x".repeat(300).into(),
+            "device_id: 300 bytes",
+        );
+        refused(&|v| v["model"]["name"] = "\u{0}".into(), "model.name");
+        refused(
+            &|v| v["detections"][0]["label"] = "\u{0}".into(),
+            "detections[0].label",
+        );
+        refused(
+            &|v| v["detections"][0]["confidence"] = serde_json::json!(1e308f64),
+            "detections[0].confidence: inf",
+        );
+        refused(
+            &|v| v["detections"][0]["confidence"] = serde_json::json!(1.5),
+            "not in [0, 1]",
+        );
+        refused(
+            &|v| v["detections"][0]["bbox"][2] = serde_json::json!(1e39f64),
+            "detections[0].bbox",
+        );
+        refused(
+            &|v| v["captured_at"] = "-5000-01-01T00:00:00Z".into(),
+            "year -5000",
+        );
+        refused(
+            &|v| v["health"] = serde_json::json!({"message": "a\u{0}"}),
+            "health.message",
+        );
+        let array: Vec<serde_json::Value> = ok.as_object().unwrap().values().cloned().collect();
+        let e = decode(&serde_json::to_vec(&array).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("not an array"), "{e}");
+        assert!(decode(b"  42").is_err());
+        assert!(decode(&serde_json::to_vec(&ok).unwrap()).is_ok());
     }
 }

@@ -104,7 +104,59 @@ async fn malformed_messages_are_dead_lettered_and_the_rest_flows() {
             }
             _ => {
                 bad += 1;
-                match (seed >> 8) % 6 {
+                match (seed >> 8) % 16 {
+                    // Values that decode as JSON but no column can store as sent, which
+                    // crashed (NUL, year -5000, 100 kB key) or were silently altered (wrapped
+                    // integers, infinity) before.
+                    6 => {
+                        v["device_id"] = "dev\u{0}x".into();
+                        serde_json::to_vec(&v).unwrap()
+                    }
+                    7 => {
+                        v["detections"][0]["label"] = "per\u{0}son".into();
+                        serde_json::to_vec(&v).unwrap()
+                    }
+                    8 => {
+                        v["model"]["name"] = "m\u{0}".into();
+                        serde_json::to_vec(&v).unwrap()
+                    }
+                    9 => {
+                        v["seq"] = serde_json::json!(u64::MAX - 7);
+                        serde_json::to_vec(&v).unwrap()
+                    }
+                    10 => {
+                        v["detections"][0]["class_id"] = serde_json::json!(1u64 << 31);
+                        serde_json::to_vec(&v).unwrap()
+                    }
+                    11 => {
+                        v["frame"]["width"] = serde_json::json!(3_000_000_000u64);
+                        serde_json::to_vec(&v).unwrap()
+                    }
+                    12 => {
+                        v["detections"][0]["confidence"] = serde_json::json!(1e308f64);
+                        serde_json::to_vec(&v).unwrap()
+                    }
+                    13 => {
+                        v["captured_at"] = "-5000-01-01T00:00:00Z".into();
+                        serde_json::to_vec(&v).unwrap()
+                    }
+                    14 => {
+                        // an unknown field whose name holds NUL: the decoder quotes it
+                        let mut raw = serde_json::to_string(&v).unwrap();
+                        raw.insert_str(1, "\"bad\\u0000field\":1,");
+                        raw.into_bytes()
+                    }
+                    15 => {
+                        if seed.is_multiple_of(2) {
+                            v["device_id"] = "d".repeat(100_000).into();
+                            serde_json::to_vec(&v).unwrap()
+                        } else {
+                            // the same event as a positional array
+                            let a: Vec<serde_json::Value> =
+                                v.as_object().unwrap().values().cloned().collect();
+                            serde_json::to_vec(&a).unwrap()
+                        }
+                    }
                     0 => b"not json at all".to_vec(),
                     1 => {
                         v["schema_version"] = 99.into();
@@ -170,6 +222,36 @@ async fn malformed_messages_are_dead_lettered_and_the_rest_flows() {
         )
         .await
             > 0
+    );
+    // Each hostile kind was dead-lettered with a reason that says what was wrong.
+    for reason in [
+        "device_id: contains NUL",
+        "label: contains NUL",
+        "model.name: contains NUL",
+        "does not fit a bigint column",
+        "class_id 2147483648 does not fit an integer column",
+        "frame.width 3000000000 does not fit an integer column",
+        "confidence: inf is not in [0, 1]",
+        "year -5000",
+        "unknown field",
+        "device_id: 100000 bytes",
+    ] {
+        let n = count(
+            &db,
+            &format!("SELECT count(*) FROM dead_letters WHERE strpos(error, '{reason}') > 0"),
+        )
+        .await;
+        assert!(n > 0, "no dead letter says {reason:?}");
+    }
+    // No stored object row belongs to a rejected message: every event's object rows match
+    // its detections count.
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM events e WHERE e.detections <> (SELECT count(*) FROM objects o WHERE o.event_id = e.event_id)"
+        )
+        .await,
+        0
     );
 }
 

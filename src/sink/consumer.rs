@@ -16,7 +16,7 @@ use crate::sink::database::{self, Database};
 
 use super::config::{consumer_config, SinkConfig};
 use super::schema::{migrate, schema_is_current};
-use super::writer::{is_transient, write_batch};
+use super::writer::{is_transient, write_batch, Stored};
 use super::{SinkError, SinkStatus};
 
 /// Why the rebalance callback could not read the stored offsets (it retries).
@@ -125,9 +125,13 @@ impl ConsumerContext for Ctx {
 }
 
 /// One decoded or rejected message of a batch.
+// Nearly every item is `Good`; boxing it would cost an allocation per message for nothing.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Item {
     Good {
         ev: Event,
+        /// Its numbers as the columns store them, checked.
+        stored: Stored,
         partition: i32,
         offset: i64,
     },
@@ -157,19 +161,40 @@ fn classify(m: &BorrowedMessage<'_>, max_bytes: usize) -> Item {
             error: format!("oversized: {} bytes", payload.len()),
         };
     }
-    match event::decode(payload) {
-        Ok(ev) => Item::Good {
+    let decoded = event::decode(payload)
+        .map_err(|e| e.to_string())
+        .and_then(|ev| Stored::of(&ev).map(|stored| (ev, stored)));
+    match decoded {
+        Ok((ev, stored)) => Item::Good {
             ev,
+            stored,
             partition,
             offset,
         },
-        Err(e) => Item::Bad {
+        Err(error) => Item::Bad {
             partition,
             offset,
             payload: Some(payload.to_vec()),
-            error: e.to_string(),
+            error: storable(&error),
         },
     }
+}
+
+/// Longest dead-letter reason kept (the rest is cut, marked with `...`).
+const MAX_REASON_CHARS: usize = 2000;
+
+/// A dead-letter reason PostgreSQL can store: decoders quote the offending input, which may
+/// hold NUL (no `text` column can) and be of any length.
+fn storable(reason: &str) -> String {
+    let mut out: String = reason
+        .chars()
+        .take(MAX_REASON_CHARS)
+        .map(|c| if c == '\0' { '\u{FFFD}' } else { c })
+        .collect();
+    if reason.chars().nth(MAX_REASON_CHARS).is_some() {
+        out.push_str("...");
+    }
+    out
 }
 
 /// Runs the sink until `stop` turns true.
@@ -341,4 +366,21 @@ fn take_assignments(a: &Arc<Mutex<Vec<(i32, i64)>>>) -> Vec<(i32, i64)> {
     a.lock()
         .map(|mut v| std::mem::take(&mut *v))
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letter_reasons_are_storable() {
+        assert_eq!(
+            storable("unknown field `a\0b`"),
+            "unknown field `a\u{FFFD}b`"
+        );
+        let long = "x".repeat(MAX_REASON_CHARS + 10);
+        let s = storable(&long);
+        assert!(s.ends_with("...") && s.chars().count() == MAX_REASON_CHARS + 3);
+        assert_eq!(storable("short"), "short");
+    }
 }

@@ -56,6 +56,49 @@ const INSERT_DEAD: &str = "INSERT INTO dead_letters (kafka_topic, kafka_partitio
 const UPSERT_OFFSET: &str = "INSERT INTO sink_offsets (kafka_topic, kafka_partition, next_offset) VALUES ($1, $2, $3)
      ON CONFLICT (kafka_topic, kafka_partition) DO UPDATE SET next_offset = GREATEST(sink_offsets.next_offset, EXCLUDED.next_offset), updated_at = now()";
 
+/// An event's numbers as its columns store them (`bigint`, `integer`), converted with checks
+/// when the message is decoded: a value a column cannot hold dead-letters the message instead
+/// of being wrapped into another number.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    pub seq: i64,
+    pub frame: Option<(i32, i32)>,
+    pub detections: i32,
+    /// Each detection's `class_id`, in order.
+    pub class_ids: Vec<i32>,
+}
+
+impl Stored {
+    /// The checked conversions; the error names the field and the value.
+    pub fn of(ev: &Event) -> Result<Self, String> {
+        let int = |what: &str, v: u64| {
+            i32::try_from(v).map_err(|_| format!("{what} {v} does not fit an integer column"))
+        };
+        Ok(Self {
+            seq: i64::try_from(ev.seq)
+                .map_err(|_| format!("seq {} does not fit a bigint column", ev.seq))?,
+            frame: match ev.frame {
+                Some(f) => Some((
+                    int("frame.width", u64::from(f.width))?,
+                    int("frame.height", u64::from(f.height))?,
+                )),
+                None => None,
+            },
+            detections: i32::try_from(ev.detections.len()).map_err(|_| {
+                format!(
+                    "{} detections do not fit an integer column",
+                    ev.detections.len()
+                )
+            })?,
+            class_ids: ev
+                .detections
+                .iter()
+                .map(|d| int("detections[].class_id", u64::from(d.class_id)))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
 /// COPY BINARY of events and their objects into `target`.
 async fn copy_rows<'a, I>(
     tx: &tokio_postgres::Transaction<'_>,
@@ -64,7 +107,7 @@ async fn copy_rows<'a, I>(
     rows: I,
 ) -> Result<(u64, u64), tokio_postgres::Error>
 where
-    I: Iterator<Item = (&'a Event, i32, i64)> + Clone,
+    I: Iterator<Item = (&'a Event, &'a Stored, i32, i64)> + Clone,
 {
     let mut n_ev = 0u64;
     let mut n_obj = 0u64;
@@ -87,27 +130,24 @@ where
         ];
         let w = BinaryCopyInWriter::new(sink, &types);
         pin_mut!(w);
-        for (ev, partition, offset) in rows.clone() {
+        for (ev, stored, partition, offset) in rows.clone() {
             let (mn, ms) = match &ev.model {
                 Some(m) => (Some(m.name.as_str()), Some(m.sha256.as_str())),
                 None => (None, None),
             };
-            let (fw, fh) = match ev.frame {
-                Some(f) => (Some(f.width as i32), Some(f.height as i32)),
-                None => (None, None),
-            };
+            let (fw, fh) = stored.frame.unzip();
             w.as_mut()
                 .write(&[
                     &ev.event_id,
                     &ev.device_id,
-                    &(ev.seq as i64),
+                    &stored.seq,
                     &ev.captured_at,
                     &ev.kind.as_str(),
                     &mn,
                     &ms,
                     &fw,
                     &fh,
-                    &(ev.detections.len() as i32),
+                    &stored.detections,
                     &topic,
                     &partition,
                     &offset,
@@ -134,16 +174,16 @@ where
         ];
         let w = BinaryCopyInWriter::new(sink, &types);
         pin_mut!(w);
-        for (ev, _, _) in rows {
-            for (i, d) in ev.detections.iter().enumerate() {
+        for (ev, stored, _, _) in rows {
+            for ((idx, d), class_id) in (0i32..).zip(&ev.detections).zip(&stored.class_ids) {
                 w.as_mut()
                     .write(&[
                         &ev.event_id,
-                        &(i as i32),
+                        &idx,
                         &ev.device_id,
                         &ev.captured_at,
                         &d.label,
-                        &(d.class_id as i32),
+                        class_id,
                         &d.confidence,
                         &d.bbox[0],
                         &d.bbox[1],
@@ -161,21 +201,27 @@ where
 
 /// The physical limit the sink is measured against: the same rows COPY BINARY'd straight into
 /// `events` and `objects`, one transaction per `batch` events, with no staging, no dedupe, no
-/// offsets and no Kafka. Returns (event rows, object rows).
+/// offsets and no Kafka. Events whose numbers no column can hold are left out. Returns (event
+/// rows, object rows).
 pub async fn copy_baseline(
     client: &mut Client,
     topic: &str,
     events: &[Event],
     batch: usize,
 ) -> Result<(u64, u64), tokio_postgres::Error> {
+    let rows: Vec<(&Event, Stored)> = events
+        .iter()
+        .filter_map(|e| Stored::of(e).ok().map(|s| (e, s)))
+        .collect();
     let (mut ne, mut no) = (0, 0);
-    for (k, chunk) in events.chunks(batch.max(1)).enumerate() {
+    let mut offset = 0i64;
+    for chunk in rows.chunks(batch.max(1)) {
         let tx = client.transaction().await?;
-        let base = (k * batch) as i64;
         let rows = chunk
             .iter()
-            .enumerate()
-            .map(|(i, e)| (e, 0i32, base + i as i64));
+            .zip(offset..)
+            .map(|((e, s), o)| (*e, s, 0i32, o));
+        offset = offset.saturating_add(i64::try_from(chunk.len()).unwrap_or(i64::MAX));
         let (a, b) = copy_rows(&tx, Target::Tables, topic, rows).await?;
         tx.commit().await?;
         ne += a;
@@ -195,9 +241,10 @@ pub(super) async fn write_batch(
     let good = items.iter().filter_map(|it| match it {
         Item::Good {
             ev,
+            stored,
             partition,
             offset,
-        } => Some((ev, *partition, *offset)),
+        } => Some((ev, stored, *partition, *offset)),
         Item::Bad { .. } => None,
     });
     // Fast path: COPY straight into the tables, inside a savepoint. Duplicates are rare (an
@@ -238,6 +285,7 @@ pub(super) async fn write_batch(
                 ev,
                 partition,
                 offset,
+                ..
             } => {
                 if ev.kind.is_health() {
                     let h = ev.health.clone().unwrap_or_default();
@@ -295,5 +343,29 @@ pub(super) fn is_transient(e: &tokio_postgres::Error) -> bool {
                 || s == "40P01"
                 || s == "53300"
         }
+    }
+}
+
+#[cfg(all(test, feature = "testkit"))]
+mod tests {
+    use super::*;
+    use crate::testkit::Synthetic;
+
+    #[test]
+    fn numbers_no_column_can_hold_are_refused_not_wrapped() {
+        let ev = Synthetic::new("d").event(1, 2);
+        let s = Stored::of(&ev).unwrap();
+        assert_eq!((s.detections, s.class_ids.len()), (2, 2));
+        let mut e = ev.clone();
+        e.seq = u64::MAX;
+        assert!(Stored::of(&e).unwrap_err().contains("bigint"));
+        let mut e = ev.clone();
+        e.detections[1].class_id = u32::MAX;
+        assert!(Stored::of(&e).unwrap_err().contains("class_id 4294967295"));
+        let mut e = ev;
+        if let Some(f) = e.frame.as_mut() {
+            f.height = 1 << 31;
+        }
+        assert!(Stored::of(&e).unwrap_err().contains("frame.height"));
     }
 }
