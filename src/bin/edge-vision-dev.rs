@@ -6,7 +6,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use edge_vision::agent::commands::ModelChoice;
-use edge_vision::agent::outbox::Durability;
 use edge_vision::testkit::bench::{self, DevError, Fill};
 
 #[derive(Parser)]
@@ -72,31 +71,7 @@ enum Command {
 #[derive(Subcommand)]
 enum OutboxCommand {
     /// Enqueue synthetic detection events (tests, benchmarks, demos).
-    Fill {
-        #[arg(long)]
-        outbox: PathBuf,
-        #[arg(long, default_value_t = 1000)]
-        count: u64,
-        #[arg(long, default_value = "synthetic-device")]
-        device_id: String,
-        /// Events per transaction (group commit).
-        #[arg(long, default_value_t = 100)]
-        batch: usize,
-        /// Share of events that carry detections.
-        #[arg(long, default_value_t = 0.5)]
-        detection_ratio: f64,
-        /// Outbox cap in bytes.
-        #[arg(long, default_value_t = 512 * 1024 * 1024)]
-        max_bytes: u64,
-        /// fsync per commit (`full`) or per checkpoint (`normal`).
-        #[arg(long, value_enum, default_value = "full")]
-        durability: Durability,
-        /// Print `acked SEQ` after every committed batch (crash tests read it).
-        #[arg(long)]
-        progress: bool,
-        #[arg(long)]
-        json: bool,
-    },
+    Fill(Fill),
     /// The uplink's baseline: every payload of an outbox through a bare rdkafka producer (same
     /// client settings, no outbox bookkeeping, nothing deleted), timed.
     RawSend {
@@ -131,31 +106,8 @@ fn dispatch(cli: Cli) -> Result<u8, DevError> {
             (None, None) => Err(DevError::Usage("--image or --images".into())),
         },
         Command::Outbox {
-            command:
-                OutboxCommand::Fill {
-                    outbox,
-                    count,
-                    device_id,
-                    batch,
-                    detection_ratio,
-                    max_bytes,
-                    durability,
-                    progress,
-                    json,
-                },
-        } => bench::outbox_fill(
-            &outbox,
-            &Fill {
-                count,
-                device_id,
-                batch,
-                detection_ratio,
-                max_bytes,
-                durability,
-                progress,
-                json,
-            },
-        ),
+            command: OutboxCommand::Fill(fill),
+        } => bench::outbox_fill(&fill),
         Command::Outbox {
             command:
                 OutboxCommand::RawSend {

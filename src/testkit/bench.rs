@@ -159,26 +159,38 @@ fn io_written() -> (u64, u64) {
     (field("write_bytes:"), field("wchar:"))
 }
 
-/// What `outbox fill` writes.
-#[derive(Debug, Clone)]
+/// What `outbox fill` writes (its command-line arguments).
+#[derive(Debug, Clone, clap::Args)]
 pub struct Fill {
+    #[arg(long)]
+    pub outbox: std::path::PathBuf,
+    #[arg(long, default_value_t = 1000)]
     pub count: u64,
+    #[arg(long, default_value = "synthetic-device")]
     pub device_id: String,
     /// Events per transaction (group commit).
+    #[arg(long, default_value_t = 100)]
     pub batch: usize,
     /// Share of events that carry detections.
+    #[arg(long, default_value_t = 0.5)]
     pub detection_ratio: f64,
+    /// Outbox cap in bytes.
+    #[arg(long, default_value_t = 512 * 1024 * 1024)]
     pub max_bytes: u64,
+    /// fsync per commit (`full`) or per checkpoint (`normal`).
+    #[arg(long, value_enum, default_value = "full")]
     pub durability: Durability,
     /// Print `acked SEQ` after every committed batch (crash tests read it).
+    #[arg(long)]
     pub progress: bool,
+    #[arg(long)]
     pub json: bool,
 }
 
 /// `outbox fill`: enqueues synthetic events in batches; prints the rate, bytes written per
 /// event and the outbox's state.
-pub fn outbox_fill(path: &Path, f: &Fill) -> Result<u8, DevError> {
-    let mut ob = commands::open_outbox(path, f.max_bytes, f.durability, &f.device_id)?;
+pub fn outbox_fill(f: &Fill) -> Result<u8, DevError> {
+    let mut ob = commands::open_outbox(&f.outbox, f.max_bytes, f.durability, &f.device_id)?;
     let gen = Synthetic::new(&f.device_id);
     let (disk0, wchar0) = io_written();
     let start = Instant::now();
