@@ -238,8 +238,9 @@ pub fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// `Ok(())` when healthy, else the reason (served as 503).
-pub type HealthFn = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+/// `Ok(text)` when healthy (served as 200 with the text, e.g. `ok`, or what a healthy
+/// service is waiting for), else the reason (served as 503).
+pub type HealthFn = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
 
 /// Serves `/metrics` and `/healthz` until `stop` turns true.
 pub async fn serve(
@@ -289,7 +290,7 @@ pub async fn serve(
                     registry.render(),
                 ),
                 ("GET", "/healthz") => match health() {
-                    Ok(()) => ("200 OK", "text/plain", "ok\n".to_string()),
+                    Ok(text) => ("200 OK", "text/plain", format!("{text}\n")),
                     Err(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
                 },
                 ("GET", _) => ("404 Not Found", "text/plain", "not found\n".into()),

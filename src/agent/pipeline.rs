@@ -205,7 +205,8 @@ pub fn run(
         let listener = rt.block_on(metrics::bind(&cfg.metrics.listen))?;
         let beats_h = beats.clone();
         let stall = control.stall_after;
-        let health: metrics::HealthFn = Arc::new(move || stalled(&beats_h, t0, stall));
+        let health: metrics::HealthFn =
+            Arc::new(move || stalled(&beats_h, t0, stall).map(|()| "ok".to_string()));
         rt.spawn(metrics::serve(
             listener,
             registry.clone(),

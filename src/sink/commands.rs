@@ -41,7 +41,48 @@ pub async fn run(cfg: SinkConfig) -> Result<u8, SinkError> {
         crate::notify::terminated().await;
         let _ = stop_tx.send(true);
     });
+    tokio::spawn(notify_systemd(status_rx.clone()));
     super::run(cfg, stop_rx, status_tx).await?;
+    crate::notify::Notifier::from_env().notify("STOPPING=1");
     println!("{}", serde_json::to_string(&*status_rx.borrow())?);
     Ok(exit::OK)
+}
+
+/// systemd's view (`Type=notify`): `READY=1` once the consumer is subscribed, `WATCHDOG=1`
+/// while the loop runs (withheld when it stalls: systemd restarts the sink), `STATUS=` the
+/// phase whenever it changes (e.g. `waiting for the database ...`).
+async fn notify_systemd(status: tokio::sync::watch::Receiver<SinkStatus>) {
+    let n = crate::notify::Notifier::from_env();
+    if !n.enabled() {
+        return;
+    }
+    let period = crate::notify::watchdog_interval()
+        .map(|w| (w / 3).min(std::time::Duration::from_secs(1)))
+        .unwrap_or(std::time::Duration::from_secs(1));
+    let (mut ready, mut said) = (false, None);
+    loop {
+        let (started, alive, text, phase) = {
+            let s = status.borrow();
+            (
+                s.phase != super::Phase::Starting,
+                super::health::watchdog_ok(&s),
+                super::health::report(&s).unwrap_or_else(|e| e),
+                std::mem::discriminant(&s.phase),
+            )
+        };
+        if started && !ready {
+            n.notify("READY=1");
+            ready = true;
+        }
+        if alive {
+            n.notify("WATCHDOG=1");
+        }
+        // Seconds change every turn while waiting: say each phase (and stall) once.
+        let key = Some((phase, alive));
+        if key != said {
+            n.notify(&format!("STATUS={text}"));
+            said = key;
+        }
+        tokio::time::sleep(period).await;
+    }
 }

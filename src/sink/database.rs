@@ -91,6 +91,9 @@ impl DatabaseConfigError {
     }
 }
 
+/// `connect_timeout` when the URL sets none.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A PostgreSQL server to connect to, parsed and checked once.
 #[derive(Clone)]
 pub struct Database {
@@ -150,6 +153,13 @@ impl Database {
                 get("sslkey").map(PathBuf::from).as_deref(),
             )?),
         };
+        // A server that stopped answering (a cut link, a frozen host) must become an error the
+        // sink can wait out visibly, not a connect that hangs for the kernel's TCP timeout;
+        // libpq's own default is to wait forever, so an explicit `connect_timeout` wins.
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        config.keepalives_idle(std::time::Duration::from_secs(30));
         Ok(Self { config, mode, tls })
     }
 

@@ -1,16 +1,64 @@
-//! The sink's metrics on `/metrics` (and `/healthz`), read off its status channel.
+//! The sink's metrics on `/metrics`, `/healthz` and the systemd watchdog, all read off its
+//! status channel, so the three say the same thing:
+//!
+//! | phase | `/healthz` | watchdog |
+//! |---|---|---|
+//! | consuming | 200 `ok` | pinged |
+//! | waiting for the database (down, restarting, read-only, full) | 200 `waiting for the database ...` | pinged: healthy waiting, a restart would not help |
+//! | the database refuses every row | 503 `database refuses every row ...` | pinged (a restart would not help either) |
+//! | the loop has not run for [`STALL`] | 503 `stalled ...` | withheld: systemd restarts the sink |
 
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use super::SinkStatus;
+use std::time::Duration;
+
+use super::{Phase, SinkStatus};
 use crate::metrics::{self, Registry};
 
 /// A metric read off the status: name, help, getter.
 type Field = (&'static str, &'static str, fn(&SinkStatus) -> f64);
 
-const FIELDS: [Field; 8] = [
+const FIELDS: [Field; 15] = [
+    (
+        "edge_sink_messages_total",
+        "Messages taken from Kafka into batches (written, repeated or dead-lettered).",
+        |s| s.messages as f64,
+    ),
+    (
+        "edge_sink_skipped_already_written_total",
+        "Messages below the offset stored in PostgreSQL, dropped as written already (re-deliveries after a rebalance or restart).",
+        |s| s.skipped_already_written as f64,
+    ),
+    (
+        "edge_sink_refused_total",
+        "Messages PostgreSQL refused although it accepts other rows, dead-lettered with the SQL error.",
+        |s| s.refused as f64,
+    ),
+    (
+        "edge_sink_conflicts_total",
+        "Events whose event_id was stored already with other content (dead-lettered, not merged).",
+        |s| s.conflicts as f64,
+    ),
+    (
+        "edge_sink_assignments_total",
+        "Partition assignments made (rebalances, and resumptions after a database outage).",
+        |s| s.assignments as f64,
+    ),
+    (
+        "edge_sink_waiting_for_database",
+        "1 while the database is unavailable or refuses every row (batch kept, fetching paused).",
+        |s| match s.phase {
+            Phase::WaitingForDatabase { .. } | Phase::DatabaseRefusing { .. } => 1.0,
+            _ => 0.0,
+        },
+    ),
+    (
+        "edge_sink_up",
+        "1 while the consumer loop runs (it beat within the stall limit).",
+        |s| f64::from(u8::from(alive(s).is_ok())),
+    ),
     ("edge_sink_events_total", "Event rows written.", |s| {
         s.events as f64
     }),
@@ -55,6 +103,7 @@ pub async fn serve(
 ) -> Result<(), metrics::BindError> {
     let listener = metrics::bind(addr).await?;
     let registry = Arc::new(Registry::default());
+    let status_for_health = status.clone();
     for (name, help, f) in FIELDS {
         let rx = status.clone();
         registry.gauge_fn(
@@ -82,7 +131,89 @@ pub async fn serve(
             }
         }
     });
-    let health: metrics::HealthFn = Arc::new(|| Ok(()));
+    let rx = status_for_health;
+    let health: metrics::HealthFn = Arc::new(move || report(&rx.borrow()));
     tokio::spawn(metrics::serve(listener, registry, health, stop));
     Ok(())
+}
+
+/// A loop that has not beaten for this long is stalled (a batch or callback that hangs).
+pub const STALL: Duration = Duration::from_secs(30);
+
+/// Whether the loop runs: `Err` with the reason when it has not beaten within [`STALL`].
+pub fn alive(s: &SinkStatus) -> Result<(), String> {
+    match s.last_beat {
+        None => Ok(()), // starting: the phase says what it does
+        Some(t) if t.elapsed() <= STALL => Ok(()),
+        Some(t) => Err(format!(
+            "stalled: the consumer loop has not run for {} s (last phase: {})",
+            t.elapsed().as_secs(),
+            phase_text(&s.phase)
+        )),
+    }
+}
+
+/// What the phase means to an operator.
+pub fn phase_text(p: &Phase) -> String {
+    match p {
+        Phase::Starting => "starting".into(),
+        Phase::Consuming => "ok".into(),
+        Phase::WaitingForDatabase { seconds, reason } => {
+            format!("waiting for the database for {seconds} s (batch kept, nothing lost): {reason}")
+        }
+        Phase::DatabaseRefusing { seconds, reason } => {
+            format!("for {seconds} s: {reason}")
+        }
+    }
+}
+
+/// `/healthz`: 200 with the phase while the loop runs and the database takes rows or is
+/// being waited for; 503 when the loop stalled or the database refuses every row.
+pub fn report(s: &SinkStatus) -> Result<String, String> {
+    alive(s)?;
+    match &s.phase {
+        Phase::DatabaseRefusing { .. } => Err(phase_text(&s.phase)),
+        p => Ok(phase_text(p)),
+    }
+}
+
+/// Whether the watchdog may be pinged: the loop runs (whatever the database does).
+pub fn watchdog_ok(s: &SinkStatus) -> bool {
+    alive(s).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn health_and_watchdog_follow_the_loop_and_the_phase() {
+        let mut s = SinkStatus {
+            phase: Phase::Consuming,
+            last_beat: Some(Instant::now()),
+            ..SinkStatus::default()
+        };
+        assert_eq!(report(&s), Ok("ok".into()));
+        s.phase = Phase::WaitingForDatabase {
+            seconds: 3,
+            reason: "database unavailable: connection refused".into(),
+        };
+        assert!(report(&s)
+            .unwrap()
+            .starts_with("waiting for the database for 3 s"));
+        assert!(watchdog_ok(&s));
+        s.phase = Phase::DatabaseRefusing {
+            seconds: 1,
+            reason: "database refuses every row: SQLSTATE 42501".into(),
+        };
+        assert!(report(&s).unwrap_err().contains("42501"));
+        assert!(watchdog_ok(&s), "a restart would not help");
+        let Some(old) = Instant::now().checked_sub(STALL + Duration::from_secs(1)) else {
+            return; // a machine up for less than STALL: nothing to check
+        };
+        s.last_beat = Some(old);
+        assert!(report(&s).unwrap_err().starts_with("stalled"));
+        assert!(!watchdog_ok(&s));
+    }
 }

@@ -15,15 +15,20 @@
 //!   assigns the partitions at exactly those offsets (in librdkafka's rebalance callback);
 //!   messages below the stored offset are dropped as already written.
 //! * **Bad input never blocks a partition.** A message that is not a valid event goes to
-//!   `dead_letters` with the reason, in the same transaction as its offset.
+//!   `dead_letters` with the reason, in the same transaction as its offset; so does one that
+//!   PostgreSQL refuses although it takes other rows (`triage`), and an event whose id is
+//!   stored already with other content (a conflict: never merged).
 //! * **An unreachable database pauses, never drops.** Connection errors keep the batch in
-//!   memory, stop consuming, and retry with backoff until PostgreSQL is back;
-//!   nothing goes to the dead-letter table for them and no offset moves.
+//!   memory, stop fetching (the consumer still polls, so the group keeps the member), and
+//!   retry with backoff until PostgreSQL is back; nothing goes to the dead-letter table for
+//!   them and no offset moves. `/healthz` and the watchdog say so (`health`).
 //!
 //! # Layout
 //!
 //! A message travels [`consumer`] (batches, the rebalance callback that assigns partitions at
-//! PostgreSQL's offsets, decoding) -> [`writer`] (one transaction: COPY, dead letters, offsets)
+//! PostgreSQL's offsets, the wait while the database is unavailable) -> `decode` (event or
+//! dead letter; repeats and conflicts within a batch) -> `triage` (commit, or find the message
+//! PostgreSQL refuses) -> [`writer`] (one transaction: COPY, conflicts, dead letters, offsets)
 //! -> PostgreSQL, whose schema is [`schema`] (refinery migrations in `migrations/`) and whose
 //! connections are [`database`] (libpq strings, `sslmode` over OpenSSL). [`config`] holds every
 //! key of `sink.toml`, `health` the sink's metrics.
@@ -32,8 +37,10 @@ pub mod commands;
 pub mod config;
 pub mod consumer;
 pub mod database;
-mod health;
+mod decode;
+pub(crate) mod health;
 pub mod schema;
+mod triage;
 pub mod writer;
 
 pub use config::{consumer_config, SinkConfig};
@@ -85,9 +92,37 @@ impl crate::exit::ExitStatus for SinkError {
     }
 }
 
+/// What the sink's loop is doing.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Connecting, migrating, subscribing.
+    #[default]
+    Starting,
+    /// Consuming and committing batches.
+    Consuming,
+    /// The database is unavailable; the batch is kept and retried (healthy waiting).
+    WaitingForDatabase { seconds: u64, reason: String },
+    /// The database refuses even a probe row (a grant, a trigger, a full table): retried,
+    /// but an operator must act.
+    DatabaseRefusing { seconds: u64, reason: String },
+}
+
 /// What the sink has done, for logs, metrics and tests.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct SinkStatus {
+    pub phase: Phase,
+    /// When the loop last ran (liveness for `/healthz` and the watchdog).
+    #[serde(skip)]
+    pub last_beat: Option<std::time::Instant>,
+    /// Messages dead-lettered because PostgreSQL refused them (found by splitting a batch).
+    pub refused: u64,
+    /// Events whose id was stored (or earlier in the batch) with other content.
+    pub conflicts: u64,
+    /// Partition assignments made (rebalances and resumptions after a database outage).
+    pub assignments: u64,
+    /// Messages taken into batches (each one is written, repeated or dead-lettered).
+    pub messages: u64,
     pub batches: u64,
     pub events: u64,
     pub objects: u64,

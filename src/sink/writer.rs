@@ -1,7 +1,7 @@
 //! The PostgreSQL side of the sink: one transaction per batch with its rows, dead letters and
 //! offsets.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use futures_util::pin_mut;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
@@ -10,7 +10,7 @@ use tokio_postgres::Client;
 
 use crate::event::Event;
 
-use super::consumer::Item;
+use super::decode::Item;
 
 const STAGE: &str = "
 SET LOCAL client_min_messages = warning;
@@ -47,10 +47,29 @@ impl Target {
     }
 }
 
-const MERGE_EVENTS: &str =
-    "INSERT INTO events SELECT * FROM stage_events ON CONFLICT (event_id) DO NOTHING";
-const MERGE_OBJECTS: &str =
-    "INSERT INTO objects SELECT * FROM stage_objects ON CONFLICT (event_id, idx) DO NOTHING";
+/// Staged events whose `event_id` is stored already with other content (any event column but
+/// the Kafka position, or any of its objects): a second, different event under a taken id.
+/// Run before the merge, so the rows this batch inserts are not compared with themselves.
+const FIND_CONFLICTS: &str = "
+SELECT s.kafka_partition, s.kafka_offset, s.event_id FROM stage_events s JOIN events e USING (event_id)
+WHERE (s.device_id, s.seq, s.captured_at, s.kind, s.model_name, s.model_sha256, s.frame_width, s.frame_height, s.detections)
+      IS DISTINCT FROM
+      (e.device_id, e.seq, e.captured_at, e.kind, e.model_name, e.model_sha256, e.frame_width, e.frame_height, e.detections)
+   OR EXISTS (SELECT 1 FROM stage_objects so LEFT JOIN objects o ON o.event_id = so.event_id AND o.idx = so.idx
+              WHERE so.event_id = s.event_id
+                AND (so.label, so.class_id, so.confidence, so.x1, so.y1, so.x2, so.y2)
+                    IS DISTINCT FROM (o.label, o.class_id, o.confidence, o.x1, o.y1, o.x2, o.y2))";
+/// Conflicting events leave the staging tables (they are dead-lettered instead).
+const UNSTAGE: &str = "
+WITH e AS (DELETE FROM stage_events WHERE event_id = ANY($1))
+DELETE FROM stage_objects WHERE event_id = ANY($1)";
+/// Events not stored yet, and the objects of exactly those events: an object row is written
+/// only together with the event row that owns it. Returns (events, objects) inserted.
+const MERGE: &str = "
+WITH ev AS (INSERT INTO events SELECT * FROM stage_events ON CONFLICT (event_id) DO NOTHING RETURNING event_id),
+     ob AS (INSERT INTO objects SELECT o.* FROM stage_objects o WHERE o.event_id IN (SELECT event_id FROM ev)
+            ON CONFLICT (event_id, idx) DO NOTHING RETURNING 1)
+SELECT (SELECT count(*) FROM ev), (SELECT count(*) FROM ob)";
 const INSERT_HEALTH: &str = "INSERT INTO device_health (event_id, device_id, captured_at, kind, message, evicted) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING";
 const INSERT_DEAD: &str = "INSERT INTO dead_letters (kafka_topic, kafka_partition, kafka_offset, payload, error) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING";
 const UPSERT_OFFSET: &str = "INSERT INTO sink_offsets (kafka_topic, kafka_partition, next_offset) VALUES ($1, $2, $3)
@@ -230,14 +249,47 @@ pub async fn copy_baseline(
     Ok((ne, no))
 }
 
+/// What one committed batch wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Written {
+    /// Event rows inserted (re-deliveries of stored events are not counted).
+    pub events: u64,
+    /// Object rows inserted.
+    pub objects: u64,
+    /// Messages dead-lettered (conflicts included).
+    pub dead: u64,
+    /// Events whose id was stored already with other content (dead-lettered, not merged).
+    pub conflicts: u64,
+    /// True when the batch went through staging (it held a re-delivery or a conflict).
+    pub deduped: bool,
+}
+
+impl std::ops::AddAssign for Written {
+    fn add_assign(&mut self, o: Self) {
+        self.events += o.events;
+        self.objects += o.objects;
+        self.dead += o.dead;
+        self.conflicts += o.conflicts;
+        self.deduped |= o.deduped;
+    }
+}
+
+/// The dead-letter reason of an event whose id is taken by another event.
+fn conflict_reason(ev: &Event) -> String {
+    format!(
+        "conflict: event_id {} is stored already with different content (this message was not merged; payload re-encoded from the decoded event)",
+        ev.event_id
+    )
+}
+
 /// Writes one batch and its offsets in one transaction.
 pub(super) async fn write_batch(
     client: &mut Client,
     topic: &str,
     items: &[Item],
-) -> Result<(u64, u64, u64, bool), tokio_postgres::Error> {
+) -> Result<Written, tokio_postgres::Error> {
     let mut tx = client.transaction().await?;
-    let mut n_dead = 0u64;
+    let mut w = Written::default();
     let good = items.iter().filter_map(|it| match it {
         Item::Good {
             ev,
@@ -245,13 +297,13 @@ pub(super) async fn write_batch(
             partition,
             offset,
         } => Some((ev, stored, *partition, *offset)),
-        Item::Bad { .. } => None,
+        Item::Bad { .. } | Item::Repeat { .. } => None,
     });
     // Fast path: COPY straight into the tables, inside a savepoint. Duplicates are rare (an
     // agent's re-send after a lost acknowledgement, a sink restart); when one is in the batch
     // the unique index refuses the COPY, the savepoint rolls back, and the batch goes through
-    // staging + ON CONFLICT DO NOTHING instead. Either way the rows and the offsets commit
-    // together below.
+    // staging instead, where conflicts are found and only new events (with their objects) are
+    // merged. Either way the rows and the offsets commit together below.
     let direct = {
         let sp = tx.savepoint("direct_copy").await?;
         match copy_rows(&sp, Target::Tables, topic, good.clone()).await {
@@ -266,27 +318,47 @@ pub(super) async fn write_batch(
             Err(e) => return Err(e),
         }
     };
-    let (n_ev, n_obj) = match direct {
-        Some(counts) => counts,
+    // (partition, offset) of each conflicting message.
+    let mut conflicts: HashSet<(i32, i64)> = HashSet::new();
+    match direct {
+        Some((e, o)) => (w.events, w.objects) = (e, o),
         None => {
+            w.deduped = true;
             tx.batch_execute(STAGE).await?;
-            let counts = copy_rows(&tx, Target::Staging, topic, good).await?;
-            tx.execute(MERGE_EVENTS, &[]).await?;
-            tx.execute(MERGE_OBJECTS, &[]).await?;
-            counts
+            copy_rows(&tx, Target::Staging, topic, good).await?;
+            let mut ids = Vec::new();
+            for r in tx.query(FIND_CONFLICTS, &[]).await? {
+                conflicts.insert((r.try_get(0)?, r.try_get(1)?));
+                ids.push(r.try_get::<_, uuid::Uuid>(2)?);
+            }
+            if !ids.is_empty() {
+                tx.execute(UNSTAGE, &[&ids]).await?;
+            }
+            let r = tx.query_one(MERGE, &[]).await?;
+            let count = |i: usize| {
+                r.try_get::<_, i64>(i)
+                    .map(|n| u64::try_from(n).unwrap_or(0))
+            };
+            (w.events, w.objects) = (count(0)?, count(1)?);
         }
-    };
+    }
     let health = tx.prepare(INSERT_HEALTH).await?;
     let dead = tx.prepare(INSERT_DEAD).await?;
     let mut next: HashMap<i32, i64> = HashMap::new();
     for it in items {
+        let (partition, offset) = it.position();
         match it {
-            Item::Good {
-                ev,
-                partition,
-                offset,
-                ..
-            } => {
+            Item::Good { ev, .. } if conflicts.contains(&(partition, offset)) => {
+                let payload = serde_json::to_vec(ev).ok();
+                tx.execute(
+                    &dead,
+                    &[&topic, &partition, &offset, &payload, &conflict_reason(ev)],
+                )
+                .await?;
+                w.dead += 1;
+                w.conflicts += 1;
+            }
+            Item::Good { ev, .. } => {
                 if ev.kind.is_health() {
                     let h = ev.health.clone().unwrap_or_default();
                     let evicted = h.evicted.and_then(|e| serde_json::to_value(e).ok());
@@ -303,47 +375,23 @@ pub(super) async fn write_batch(
                     )
                     .await?;
                 }
-                let e = next.entry(*partition).or_insert(0);
-                *e = (*e).max(offset + 1);
             }
-            Item::Bad {
-                partition,
-                offset,
-                payload,
-                error,
-            } => {
-                tx.execute(&dead, &[&topic, partition, offset, payload, error])
+            Item::Bad { payload, error, .. } => {
+                tx.execute(&dead, &[&topic, &partition, &offset, payload, error])
                     .await?;
-                n_dead += 1;
-                let e = next.entry(*partition).or_insert(0);
-                *e = (*e).max(offset + 1);
+                w.dead += 1;
             }
+            Item::Repeat { .. } => {}
         }
+        let e = next.entry(partition).or_insert(0);
+        *e = (*e).max(offset + 1);
     }
     let up = tx.prepare(UPSERT_OFFSET).await?;
     for (p, o) in &next {
         tx.execute(&up, &[&topic, p, o]).await?;
     }
     tx.commit().await?;
-    Ok((n_ev, n_obj, n_dead, direct.is_none()))
-}
-
-/// True for errors where retrying later can succeed (connection lost, server restarting).
-pub(super) fn is_transient(e: &tokio_postgres::Error) -> bool {
-    if e.is_closed() {
-        return true;
-    }
-    match e.code() {
-        None => true, // I/O or protocol: the connection is gone
-        Some(c) => {
-            let s = c.code();
-            s.starts_with("08")
-                || s.starts_with("57P")
-                || s == "40001"
-                || s == "40P01"
-                || s == "53300"
-        }
-    }
+    Ok(w)
 }
 
 #[cfg(all(test, feature = "testkit"))]
