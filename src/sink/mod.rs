@@ -50,6 +50,26 @@ pub use schema::{connect, migrate, schema_is_current};
 /// Largest message accepted; larger ones are dead-lettered.
 pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
 
+/// One Kafka message through the sink's decoding, validation and column conversions, as a
+/// batch takes it (twice, the second time as a repeat): `Ok(event_id)` for an event the sink
+/// writes, `Err(reason)` for a dead letter, the reason as stored. For fuzzing
+/// (`fuzz/`) and tests; the sink itself works on batches.
+pub fn judge(payload: &[u8]) -> Result<uuid::Uuid, String> {
+    let mut batch = decode::Batch::default();
+    for offset in 0..2 {
+        if let Some(carried) = batch.push(0, offset, Some(payload), MAX_MESSAGE_BYTES) {
+            return Err(format!("a message differs from itself: {carried:?}"));
+        }
+    }
+    match &batch.items[..] {
+        [decode::Item::Good { ev, .. }, decode::Item::Repeat { .. }] => Ok(ev.event_id),
+        [decode::Item::Bad { error: a, .. }, decode::Item::Bad { error: b, .. }] if a == b => {
+            Err(a.clone())
+        }
+        other => Err(format!("inconsistent decoding: {other:?}")),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error("database: {0}")]
