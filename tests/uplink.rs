@@ -317,6 +317,90 @@ async fn request_errors_are_retried_until_delivered() {
     assert_eq!(st.dead_lettered, 0);
 }
 
+/// A permanent refusal (INVALID_RECORD, off the retriable allowlist) while the broker takes
+/// other rows parks the refused rows in the outbox's dead-letter table instead of retrying
+/// them forever at the head of every retry; the same refusal before anything was delivered
+/// says nothing about the rows (it could be the topic or the broker), so those rows are kept
+/// and delivered once the broker takes them. Nothing is lost either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_the_broker_refuses_are_parked_only_while_others_are_delivered() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::RDKafkaRespErr;
+    let refusal = vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD; 3];
+
+    // Refused before any delivery: kept, then delivered.
+    let mock = MockCluster::new(1).expect("mock cluster");
+    mock.create_topic("early", 1, 1).expect("topic");
+    mock.request_errors(rdkafka::types::RDKafkaApiKey::Produce, &refusal);
+    let dir = tempfile::tempdir().unwrap();
+    let ob = outbox(dir.path());
+    let mut ids = HashSet::new();
+    enqueue(&ob, 300, &mut ids);
+    let mut cfg = UplinkConfig::new(&mock.bootstrap_servers(), "early");
+    cfg.message_timeout_ms = 3_000;
+    cfg.max_backoff_ms = 500;
+    let run = spawn_uplink(ob.clone(), cfg.clone());
+    run.wait_empty(&ob, Duration::from_secs(60)).await;
+    let st = run.stop().await;
+    assert_eq!(
+        st.dead_lettered, 0,
+        "nothing parked before any delivery: {st:?}"
+    );
+    assert!(st.delivered >= 300, "{st:?}");
+    assert!(st.failed_deliveries > 0, "the refusals happened: {st:?}");
+
+    // Refused while others are delivered: parked, counted, kept in the dead-letter table.
+    let mock = MockCluster::new(1).expect("mock cluster");
+    mock.create_topic("late", 1, 1).expect("topic");
+    let dir = tempfile::tempdir().unwrap();
+    let ob = outbox(dir.path());
+    let mut ids = HashSet::new();
+    enqueue(&ob, 300, &mut ids);
+    cfg.brokers = mock.bootstrap_servers();
+    cfg.topic = "late".into();
+    let run = spawn_uplink(ob.clone(), cfg);
+    run.wait_empty(&ob, Duration::from_secs(60)).await;
+    mock.request_errors(rdkafka::types::RDKafkaApiKey::Produce, &refusal);
+    enqueue(&ob, 300, &mut ids);
+    run.wait_empty(&ob, Duration::from_secs(60)).await;
+    let st = run.stop().await;
+    let stats = ob.lock().unwrap().stats().unwrap();
+    assert!(st.dead_lettered > 0, "refused rows parked: {st:?}");
+    assert_eq!(
+        stats.dead_letters, st.dead_lettered,
+        "each parked row is in the table"
+    );
+    assert!(
+        st.delivered + st.dead_lettered >= 600,
+        "every row delivered or parked: {st:?}"
+    );
+}
+
+/// The dead-letter table stays inside its share of the cap: the oldest dead letters go, and
+/// are counted.
+#[test]
+fn the_dead_letter_table_is_bounded_inside_the_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = OutboxConfig::new(dir.path().join("outbox.sqlite"), "dev-1");
+    cfg.max_bytes = 2 * 1024 * 1024;
+    let mut ob = Outbox::open(cfg.clone()).unwrap().0;
+    let mut events: Vec<Event> = (0..400).map(event).collect();
+    let seqs = ob.enqueue(&mut events).unwrap();
+    let one = serde_json::to_vec(&events[0]).unwrap().len() as u64;
+    for s in &seqs {
+        ob.dead_letter(*s, "refused by the broker: test").unwrap();
+    }
+    let budget = cfg.max_bytes / edge_vision::agent::outbox::DEAD_LETTER_SHARE;
+    let kept = ob.stats().unwrap().dead_letters;
+    assert!(kept > 0 && kept < 400, "kept {kept}");
+    assert!(
+        kept * one <= budget + one * 2,
+        "kept {kept} of ~{one} B, budget {budget}"
+    );
+    assert_eq!(ob.dead_letters_dropped().unwrap(), 400 - kept);
+    assert_eq!(ob.stats().unwrap().depth, 0);
+}
+
 extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
 }

@@ -205,6 +205,24 @@ pub(super) fn register_outbox_metrics(
     );
     let s = status.clone();
     r.gauge_fn(
+        "edge_agent_uplink_parked_total",
+        "Events the broker refused while it took others, parked in the outbox's dead-letter table (since start).",
+        Box::new(move || vec![(String::new(), s.borrow().dead_lettered as f64)]),
+    );
+    let ob = outbox.clone();
+    r.gauge_fn(
+        "edge_agent_outbox_dead_letters_dropped",
+        "Oldest dead letters dropped to keep the dead-letter table inside its share of the cap (ever).",
+        Box::new(move || {
+            let n = ob
+                .lock()
+                .map(|o| o.dead_letters_dropped().unwrap_or(0))
+                .unwrap_or(0);
+            vec![(String::new(), n as f64)]
+        }),
+    );
+    let s = status.clone();
+    r.gauge_fn(
         "edge_agent_uplink_state",
         "1 for the uplink's current state.",
         Box::new(move || {

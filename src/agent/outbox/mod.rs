@@ -34,14 +34,14 @@ mod stats;
 
 pub use files::file_bytes;
 pub use reader::OutboxReader;
-pub use schema::SCHEMA_VERSION;
+pub use schema::{DEAD_LETTER_SHARE, SCHEMA_VERSION};
 pub use stats::{read_stats, ReadError};
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{params, Connection, ErrorCode};
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 
 use crate::event::{Event, Evictions, Health, Kind};
 
@@ -519,14 +519,39 @@ impl Outbox {
         Ok(n)
     }
 
-    /// Moves a row to the dead-letter table (it will never be sent again).
+    /// Moves a row to the dead-letter table (it will never be sent again). The table is
+    /// bounded inside the cap: its payloads may take [`DEAD_LETTER_SHARE`] of `max_bytes`;
+    /// beyond that the oldest dead letters are dropped (counted in `dead_letters_dropped`).
     pub fn dead_letter(&mut self, seq: u64, reason: &str) -> rusqlite::Result<()> {
+        let seq =
+            i64::try_from(seq).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        let budget = i64::try_from(self.cfg.max_bytes / DEAD_LETTER_SHARE).unwrap_or(i64::MAX);
         let tx = self.conn.transaction()?;
-        tx.execute(DEAD_LETTER, params![seq as i64, reason, now_ms()])?;
-        let gone = tx.execute(DELETE_EVENT, params![seq as i64])?;
+        tx.execute(DEAD_LETTER, params![seq, reason, now_ms()])?;
+        let gone = tx.execute(DELETE_EVENT, params![seq])?;
+        let dropped = tx.execute(TRIM_DEAD_LETTERS, params![budget])?;
+        if dropped > 0 {
+            tx.execute(
+                BUMP_DROPPED_DEAD_LETTERS,
+                params![i64::try_from(dropped).unwrap_or(i64::MAX)],
+            )?;
+            tracing::warn!(
+                dropped,
+                "outbox dead-letter table at its share of the cap: oldest dead letters dropped"
+            );
+        }
         tx.commit()?;
         self.depth = self.depth.saturating_sub(gone as u64);
         Ok(())
+    }
+
+    /// Dead letters dropped to keep the table inside its share of the cap, ever.
+    pub fn dead_letters_dropped(&self) -> rusqlite::Result<u64> {
+        let n: Option<i64> = self
+            .conn
+            .query_row(READ_DROPPED_DEAD_LETTERS, [], |r| r.get(0))
+            .optional()?;
+        Ok(n.and_then(|n| u64::try_from(n).ok()).unwrap_or(0))
     }
 
     fn stats_counts(&self) -> rusqlite::Result<(u64, u64, Option<i64>)> {

@@ -83,6 +83,19 @@ pub(super) const SELECT_BY_SEQ: &str =
 pub(super) const DEAD_LETTER: &str =
     "INSERT OR REPLACE INTO dead_letters (seq, event_id, payload, reason, at)
      SELECT seq, event_id, payload, ?2, ?3 FROM events WHERE seq = ?1";
+/// The dead-letter table's payloads may take 1/this of the outbox's `max_bytes` (5%).
+pub const DEAD_LETTER_SHARE: u64 = 20;
+/// Keeps the newest dead letters whose payloads fit `?1` bytes, drops the older ones.
+pub(super) const TRIM_DEAD_LETTERS: &str = "
+DELETE FROM dead_letters WHERE seq <= (
+    SELECT max(seq) FROM (
+        SELECT seq, sum(length(payload)) OVER (ORDER BY seq DESC) AS newer_bytes FROM dead_letters
+    ) WHERE newer_bytes > ?1)";
+pub(super) const BUMP_DROPPED_DEAD_LETTERS: &str =
+    "INSERT INTO meta (key, value) VALUES ('dead_letters_dropped', ?1)
+     ON CONFLICT(key) DO UPDATE SET value = value + excluded.value";
+pub(super) const READ_DROPPED_DEAD_LETTERS: &str =
+    "SELECT value FROM meta WHERE key = 'dead_letters_dropped'";
 pub(super) const STATS: &str =
     "SELECT count(*), coalesce(sum(bytes), 0), min(created_at) FROM events";
 

@@ -16,6 +16,9 @@ use super::acker::{Acker, Bucket};
 use super::producer::*;
 use super::{State, UplinkConfig, UplinkError, UplinkStatus};
 
+/// How recent a delivery must be for a refused row to be parked rather than kept.
+pub(super) const PARK_PROOF: Duration = Duration::from_secs(60);
+
 /// The drain loop's state and the things each state function works on.
 pub(super) struct Uplink {
     /// Proof of life for the agent's watchdog, called on every turn of [`Uplink::pump`].
@@ -51,6 +54,9 @@ pub(super) struct Uplink {
     pub(super) failures: u32,
     /// The last failure indicated bad credentials or ACLs.
     pub(super) unauthorized: bool,
+    /// When the broker last acknowledged a row: a refused row is parked only while others
+    /// are delivered.
+    pub(super) last_delivered: Option<Instant>,
     /// Offline backoff, doubled per failed probe.
     pub(super) backoff: Duration,
     /// Outbox depth and when it was read (COUNT(*) is not free on a big backlog).
@@ -208,13 +214,25 @@ impl Uplink {
         self.settle_failure(seq, classify(e))
     }
 
-    /// A row that did not get through: dead-lettered when it never can, else kept for retry.
+    /// A row that did not get through: parked when the broker refuses it while other rows
+    /// are delivered (it would otherwise go first into every retry and throttle the link),
+    /// else kept for retry. A refusal while nothing is delivered says nothing about the row
+    /// (a topic policy, a broker that refuses everything): the row is kept and retried.
     pub(super) fn settle_failure(&mut self, seq: u64, outcome: Outcome) -> Result<(), UplinkError> {
         match outcome {
-            Outcome::Fatal(reason) => {
-                tracing::warn!(seq, reason, "dead-lettering event");
-                self.outbox()?.dead_letter(seq, reason)?;
+            Outcome::Refused(reason) if self.delivering() => {
+                tracing::warn!(seq, reason, "broker refuses this event while others go through: parked in the outbox's dead-letter table");
+                self.outbox()?.dead_letter(seq, &reason)?;
                 self.status.send_modify(|s| s.dead_lettered += 1);
+            }
+            Outcome::Refused(reason) => {
+                tracing::warn!(
+                    seq,
+                    reason,
+                    "broker refuses this event and nothing else is delivered now: kept, retried"
+                );
+                self.retry.insert(seq);
+                self.fail(Outcome::Retry(reason));
             }
             other => {
                 self.retry.insert(seq);
@@ -222,6 +240,13 @@ impl Uplink {
             }
         }
         Ok(())
+    }
+
+    /// Whether the broker has taken other rows lately ([`PARK_PROOF`]): the proof that a
+    /// refused row is refused for itself.
+    pub(super) fn delivering(&self) -> bool {
+        self.last_delivered
+            .is_some_and(|t| t.elapsed() <= PARK_PROOF)
     }
 
     pub(super) fn fail(&mut self, o: Outcome) {
@@ -249,6 +274,7 @@ impl Uplink {
         match outcome {
             Outcome::Delivered => {
                 self.to_ack.push(seq);
+                self.last_delivered = Some(Instant::now());
                 self.failures = 0;
                 self.unauthorized = false;
             }

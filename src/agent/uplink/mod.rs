@@ -201,6 +201,7 @@ pub async fn run_with(
         acker: Acker::start(outbox_for_acks),
         failures: 0,
         unauthorized: false,
+        last_delivered: None,
         backoff: Duration::from_millis(250),
         depth: (depth, Instant::now()),
         bucket,

@@ -47,22 +47,89 @@ pub(super) enum Outcome {
     Delivered,
     /// Not delivered now; the row stays and goes again later.
     Retry(String),
-    /// Never deliverable: dead-letter it.
-    Fatal(&'static str),
+    /// Refused with an error off the retriable allowlist: the row is parked in the outbox's
+    /// dead-letter table, unless nothing else is being delivered either (then it is the
+    /// link's fault, not the row's, and the row is kept; see `Uplink::settle_failure`).
+    Refused(String),
     /// The credentials or ACLs refuse us: keep everything, back off hard.
     Unauthorized(String),
 }
 
+/// The allowlist: errors after which the same row can be delivered later, unchanged
+/// (connections, timeouts, leadership and metadata moving, replicas catching up, quotas,
+/// the idempotent producer's sequence state, purges when the producer is replaced).
+/// Anything else refuses the row itself, e.g. `InvalidRecord`, `CorruptMessage`,
+/// `MessageSizeTooLarge`, `InvalidTimestamp`, `PolicyViolation`.
+pub(super) fn is_retriable(c: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as E;
+    matches!(
+        c,
+        E::BrokerTransportFailure
+            | E::Resolve
+            | E::MessageTimedOut
+            | E::UnknownPartition
+            | E::UnknownTopic
+            | E::AllBrokersDown
+            | E::OperationTimedOut
+            | E::QueueFull
+            | E::ISRInsufficient
+            | E::NodeUpdate
+            | E::WaitingForCoordinator
+            | E::InProgress
+            | E::PreviousInProgress
+            | E::TimedOutQueue
+            | E::WaitCache
+            | E::Interrupted
+            | E::Retry
+            | E::PurgeQueue
+            | E::PurgeInflight
+            | E::Fatal
+            | E::Outdated
+            | E::UnknownBroker
+            | E::DestroyBroker
+            | E::BrokerDestroy
+            | E::Fenced
+            | E::UnknownTopicOrPartition
+            | E::LeaderNotAvailable
+            | E::NotLeaderForPartition
+            | E::RequestTimedOut
+            | E::BrokerNotAvailable
+            | E::ReplicaNotAvailable
+            | E::NetworkException
+            | E::CoordinatorLoadInProgress
+            | E::CoordinatorNotAvailable
+            | E::NotCoordinator
+            | E::NotEnoughReplicas
+            | E::NotEnoughReplicasAfterAppend
+            | E::NotController
+            | E::OutOfOrderSequenceNumber
+            | E::InvalidProducerEpoch
+            | E::UnknownProducerId
+            | E::ConcurrentTransactions
+            | E::KafkaStorageError
+            | E::FencedLeaderEpoch
+            | E::UnknownLeaderEpoch
+            | E::OffsetNotAvailable
+            | E::PreferredLeaderNotAvailable
+            | E::EligibleLeadersNotAvailable
+            | E::ThrottlingQuotaExceeded
+            | E::ProducerFenced
+            | E::RebootstrapRequired
+    )
+}
+
 pub(super) fn classify(e: &KafkaError) -> Outcome {
     match e.rdkafka_error_code() {
-        Some(RDKafkaErrorCode::MessageSizeTooLarge) => Outcome::Fatal("message too large"),
         Some(
             RDKafkaErrorCode::TopicAuthorizationFailed
             | RDKafkaErrorCode::ClusterAuthorizationFailed
             | RDKafkaErrorCode::SaslAuthenticationFailed
             | RDKafkaErrorCode::Authentication,
         ) => Outcome::Unauthorized(e.to_string()),
-        _ => Outcome::Retry(e.to_string()),
+        // Not a broker or librdkafka code (client plumbing): nothing says the row is at fault.
+        None => Outcome::Retry(e.to_string()),
+        Some(c) if is_retriable(c) => Outcome::Retry(e.to_string()),
+        Some(_) => Outcome::Refused(format!("refused by the broker: {e}")),
     }
 }
 
@@ -171,5 +238,42 @@ impl std::hash::Hasher for SeqHasher {
     }
     fn write_u64(&mut self, v: u64) {
         self.0 = v.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_allowlisted_errors_are_retried() {
+        let produce = |c| KafkaError::MessageProduction(c);
+        for c in [
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::NotLeaderForPartition,
+            RDKafkaErrorCode::RequestTimedOut,
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::NotEnoughReplicas,
+        ] {
+            assert!(matches!(classify(&produce(c)), Outcome::Retry(_)), "{c:?}");
+        }
+        // Off the list: refused, whatever librdkafka adds tomorrow.
+        for c in [
+            RDKafkaErrorCode::InvalidRecord,
+            RDKafkaErrorCode::InvalidMessage,
+            RDKafkaErrorCode::MessageSizeTooLarge,
+            RDKafkaErrorCode::InvalidTimestamp,
+            RDKafkaErrorCode::PolicyViolation,
+            RDKafkaErrorCode::UnsupportedForMessageFormat,
+        ] {
+            assert!(
+                matches!(classify(&produce(c)), Outcome::Refused(_)),
+                "{c:?}"
+            );
+        }
+        assert!(matches!(
+            classify(&produce(RDKafkaErrorCode::TopicAuthorizationFailed)),
+            Outcome::Unauthorized(_)
+        ));
     }
 }
