@@ -439,7 +439,10 @@ impl Sink {
                 _ = tokio::time::sleep_until(wait) => {
                     self.learn_assignments();
                     self.beat();
-                    if deadline.is_some() { break; }
+                    // Partitions the rebalance callback left pending are assigned by
+                    // `consume`, which needs this batch closed (even empty) to get there.
+                    let pending = self.assignment.lock().map(|a| a.pending).unwrap_or(false);
+                    if deadline.is_some() || pending { break; }
                 }
                 _ = self.stop.changed() => return None,
             }
