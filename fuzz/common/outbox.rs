@@ -64,9 +64,20 @@ fn scratch() -> tempfile::TempDir {
     dir.expect("a scratch directory")
 }
 
-fn probe_event(i: u32) -> Event {
+/// A detection event with `i` objects; fixed ids and times for the template (so that a
+/// damaged-file input hits the same bytes in every run), fresh ones for the probe.
+fn probe_event(i: u32, fixed: bool) -> Event {
+    let origin = if fixed {
+        Origin {
+            event_id: uuid::Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0000 + i as u128),
+            captured_at: chrono::DateTime::from_timestamp(1_764_460_800 + i as i64, 123_456_789)
+                .unwrap(),
+        }
+    } else {
+        Origin::now()
+    };
     Event::detection(
-        Origin::now(),
+        origin,
         DEVICE,
         ModelRef {
             name: "yolov8n".into(),
@@ -103,7 +114,9 @@ thread_local! {
     static RIG: RefCell<Option<PayloadRig>> = const { RefCell::new(None) };
 }
 
-/// Drops the payload-mode outbox of this thread (and its directory).
+/// Drops the payload-mode outbox of this thread (and its directory): the test calls it, a
+/// fuzz target never ends.
+#[allow(dead_code)]
 pub fn cleanup() {
     RIG.with(|r| r.borrow_mut().take());
 }
@@ -297,15 +310,18 @@ pub fn template() -> &'static [u8] {
         let dir = scratch();
         let path = dir.path().join("outbox.db");
         let (mut ob, _) = Outbox::open(config(&path)).expect("a fresh outbox opens");
-        let mut events: Vec<Event> = (0..4).map(probe_event).collect();
-        events.push(Event::health(
+        let mut events: Vec<Event> = (0..4).map(|i| probe_event(i, true)).collect();
+        let mut lost = Event::health(
             DEVICE,
             Kind::CameraLost,
             Health {
                 message: Some("camera 0 lost".into()),
                 evicted: None,
             },
-        ));
+        );
+        lost.event_id = uuid::Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_00ff);
+        lost.captured_at = chrono::DateTime::from_timestamp(1_764_460_900, 0).unwrap();
+        events.push(lost);
         let seqs = ob.enqueue(&mut events).expect("enqueue");
         ob.ack(&seqs[..1]).expect("ack");
         ob.dead_letter(seqs[1], "refused by the broker")
@@ -316,9 +332,9 @@ pub fn template() -> &'static [u8] {
     })
 }
 
-fn corrupt_mode(rest: &[u8]) -> Result<(), String> {
-    let template = template();
-    let mut file = template.to_vec();
+/// The damaged database file a corrupted-file-mode input (after its mode byte) describes.
+pub fn damaged(rest: &[u8]) -> Vec<u8> {
+    let mut file = template().to_vec();
     let (how, mut rest) = match rest.split_first() {
         Some((h, r)) => (*h, r),
         None => (0, rest),
@@ -338,6 +354,11 @@ fn corrupt_mode(rest: &[u8]) -> Result<(), String> {
             }
         }
     }
+    file
+}
+
+fn corrupt_mode(rest: &[u8]) -> Result<(), String> {
+    let file = damaged(rest);
     let dir = scratch();
     let path: PathBuf = dir.path().join("outbox.db");
     std::fs::write(&path, &file).map_err(|e| format!("harness: writing the file: {e}"))?;
@@ -359,7 +380,7 @@ fn corrupt_mode(rest: &[u8]) -> Result<(), String> {
     }
     let q = report.quarantined.is_some();
     let _ = ob.stats();
-    let mut probe = vec![probe_event(2)];
+    let mut probe = vec![probe_event(2, false)];
     let want = probe[0].event_id;
     let seqs = ob.enqueue(&mut probe).map_err(|e| {
         format!(
