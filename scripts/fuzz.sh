@@ -8,6 +8,11 @@
 #
 #   bash scripts/fuzz.sh [TARGET...]      # default: sink_message outbox
 #
+# With EDGE_VISION_FUZZ_TOLERATE_OPEN_FINDING=1 the outbox target does not report the open
+# finding (docs/benchmarks.md), to look past it; inputs merged from such a run may reproduce
+# it: `cargo test --release --test fuzz_corpus` names them, delete them (the open-finding-*
+# files are its reproducers).
+#
 # Needs cargo-fuzz (`cargo install cargo-fuzz --locked --root ~/.cache/edge-vision/tools`);
 # on a stable toolchain RUSTC_BOOTSTRAP=1 lets it pass its nightly flags. No sanitizer
 # (`-s none`): the code under test is safe Rust plus SQLite's C, which cargo-fuzz would not

@@ -20,7 +20,10 @@
 //!   quarantined where `OpenReport::quarantined` says, or the damaged one if it passed
 //!   `quick_check`) into which an event can be enqueued and read back by its seq.
 //!
-//! `Err` names the broken invariant; a panic inside the outbox propagates as a panic.
+//! `Err` names the broken invariant; a panic inside the outbox propagates as a panic. With
+//! `EDGE_VISION_FUZZ_TOLERATE_OPEN_FINDING` set, an enqueue refused by a damaged file that
+//! opened without quarantine is not reported (the open finding of the first campaign), so a
+//! campaign can look past it.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet};
@@ -357,6 +360,13 @@ pub fn damaged(rest: &[u8]) -> Vec<u8> {
     file
 }
 
+/// `EDGE_VISION_FUZZ_TOLERATE_OPEN_FINDING` set: a damaged file that opens without quarantine
+/// and then refuses the enqueue is not reported (the known weakness of `Outbox::open`).
+fn tolerate_open_finding() -> bool {
+    static SET: OnceLock<bool> = OnceLock::new();
+    *SET.get_or_init(|| std::env::var_os("EDGE_VISION_FUZZ_TOLERATE_OPEN_FINDING").is_some())
+}
+
 fn corrupt_mode(rest: &[u8]) -> Result<(), String> {
     let file = damaged(rest);
     let dir = scratch();
@@ -382,12 +392,23 @@ fn corrupt_mode(rest: &[u8]) -> Result<(), String> {
     let _ = ob.stats();
     let mut probe = vec![probe_event(2, false)];
     let want = probe[0].event_id;
-    let seqs = ob.enqueue(&mut probe).map_err(|e| {
-        format!(
-            "opened (quarantined: {q}, migrated from {}) but enqueue fails: {e}",
-            report.migrated_from
-        )
-    })?;
+    let seqs = match ob.enqueue(&mut probe) {
+        Ok(seqs) => seqs,
+        // The open finding (docs/benchmarks.md, "Fuzzing"), tolerated on request so that a
+        // campaign can look past it; the rest of the file must still answer without a panic.
+        Err(e) if !q && tolerate_open_finding() => {
+            let _ = e.to_string();
+            let _ = ob.next_batch(64, &HashSet::new(), None);
+            let _ = ob.reader().map(|r| r.rows_after(0, 64));
+            return Ok(());
+        }
+        Err(e) => {
+            return Err(format!(
+                "opened (quarantined: {q}, migrated from {}) but enqueue fails: {e}",
+                report.migrated_from
+            ))
+        }
+    };
     let reader = ob
         .reader()
         .map_err(|e| format!("opened (quarantined: {q}) but the reader fails: {e}"))?;
