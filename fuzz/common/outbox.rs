@@ -52,19 +52,41 @@ fn config(path: &Path) -> OutboxConfig {
     cfg
 }
 
-/// Scratch directories on tmpfs where there is one (thousands of outboxes per second).
+/// Scratch directories on tmpfs where there is one (thousands of outboxes per second), named
+/// `edge-vision-fuzz-<pid>-*`. A fuzzing process never returns (libFuzzer exits, a crash
+/// aborts), so what it leaves is swept by the next process: directories of dead pids.
 fn scratch() -> tempfile::TempDir {
-    let shm = Path::new("/dev/shm");
-    let dir = if shm.is_dir() {
-        tempfile::Builder::new()
-            .prefix("edge-vision-fuzz-")
-            .tempdir_in(shm)
-    } else {
-        tempfile::Builder::new()
-            .prefix("edge-vision-fuzz-")
-            .tempdir()
-    };
-    dir.expect("a scratch directory")
+    static SWEPT: OnceLock<PathBuf> = OnceLock::new();
+    let root = SWEPT.get_or_init(|| {
+        let shm = Path::new("/dev/shm");
+        let root = if shm.is_dir() {
+            shm.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        // Without /proc there is no telling a dead pid from a live one: no sweep.
+        let entries = match Path::new("/proc/self").exists() {
+            true => std::fs::read_dir(&root).ok(),
+            false => None,
+        };
+        for entry in entries.into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .strip_prefix("edge-vision-fuzz-")
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok());
+            if let Some(pid) = pid {
+                if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        root
+    });
+    tempfile::Builder::new()
+        .prefix(&format!("edge-vision-fuzz-{}-", std::process::id()))
+        .tempdir_in(root)
+        .expect("a scratch directory")
 }
 
 /// A detection event with `i` objects; fixed ids and times for the template (so that a
