@@ -3,6 +3,7 @@
 //! as the `cargo fuzz` targets (`fuzz/common/*.rs`, shared), on stable and without a sanitizer.
 #![cfg(all(feature = "agent", feature = "sink"))]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 #[path = "../fuzz/common/outbox.rs"]
@@ -69,8 +70,13 @@ const OPEN_FINDINGS: &[(&str, &str, &str)] = &[
 ];
 
 /// Runs `check` on every file; fails naming each file that broke an invariant or panicked
-/// (or, for an open finding, that no longer fails as recorded).
-fn run(target: &str, min_files: usize, check: fn(&[u8]) -> Result<(), String>) {
+/// (or, for an open finding, that no longer fails as recorded). Returns how many inputs had
+/// each outcome.
+fn run(
+    target: &str,
+    min_files: usize,
+    check: fn(&[u8]) -> Result<&'static str, String>,
+) -> BTreeMap<&'static str, usize> {
     let files = corpus(target);
     assert!(
         files.len() >= min_files,
@@ -79,10 +85,14 @@ fn run(target: &str, min_files: usize, check: fn(&[u8]) -> Result<(), String>) {
     );
     let mut broken = Vec::new();
     let mut known = 0;
+    let mut outcomes = BTreeMap::new();
     for (path, data) in &files {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         let failure = match std::panic::catch_unwind(|| check(data)) {
-            Ok(Ok(())) => None,
+            Ok(Ok(outcome)) => {
+                *outcomes.entry(outcome).or_insert(0) += 1;
+                None
+            }
             Ok(Err(e)) => Some(e),
             Err(panic) => {
                 let msg = panic
@@ -121,20 +131,43 @@ fn run(target: &str, min_files: usize, check: fn(&[u8]) -> Result<(), String>) {
         "an open finding of {target} is missing from the corpus"
     );
     eprintln!(
-        "fuzz/corpus/{target}: {} inputs checked, {known} of them open findings",
+        "fuzz/corpus/{target}: {} inputs checked, {known} of them open findings; {outcomes:?}",
         files.len()
     );
+    outcomes
 }
 
 #[test]
 fn sink_message_corpus_is_judged_without_panics_and_consistently() {
-    run("sink_message", 10, sink_fuzz::check);
+    let outcomes = run("sink_message", 10, sink_fuzz::check);
+    // The re-encoding check only runs for accepted events: the corpus must hold some.
+    assert!(
+        outcomes.get("accepted").copied().unwrap_or(0) >= 3,
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes.get("dead-lettered").copied().unwrap_or(0) >= 3,
+        "{outcomes:?}"
+    );
 }
 
 #[test]
 fn outbox_corpus_reads_back_what_was_stored_and_opens_damaged_files() {
-    run("outbox", 6, outbox_fuzz::check);
+    let outcomes = run("outbox", 6, outbox_fuzz::check);
     outbox_fuzz::cleanup();
+    // Every path the checks guard is taken by some input.
+    for outcome in [
+        "payload: read back",
+        "payload: a typed error",
+        "damaged: open refused with a typed error",
+        "damaged: quarantined, the fresh outbox works",
+        "damaged: opened as it is, and works",
+    ] {
+        assert!(
+            outcomes.contains_key(outcome),
+            "no input: {outcome} ({outcomes:?})"
+        );
+    }
 }
 
 /// Writes the damaged database file of every corrupted-file-mode input of the outbox corpus

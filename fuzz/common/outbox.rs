@@ -36,9 +36,10 @@ use rusqlite::{params, Connection};
 
 const DEVICE: &str = "fuzz-cam";
 
-pub fn check(data: &[u8]) -> Result<(), String> {
+/// `Ok` says what happened (the test tallies it); `Err` names the broken invariant.
+pub fn check(data: &[u8]) -> Result<&'static str, String> {
     match data.split_first() {
-        None => Ok(()),
+        None => Ok("empty input"),
         Some((mode, rest)) if mode & 1 == 0 => payload_mode(rest),
         Some((_, rest)) => corrupt_mode(rest),
     }
@@ -170,7 +171,7 @@ struct Stored {
     well_formed: bool,
 }
 
-fn payload_mode(rest: &[u8]) -> Result<(), String> {
+fn payload_mode(rest: &[u8]) -> Result<&'static str, String> {
     let (flags, mut payload) = match rest.split_first() {
         Some((f, p)) => (*f, p),
         None => (0, rest),
@@ -238,7 +239,12 @@ fn payload_mode(rest: &[u8]) -> Result<(), String> {
         let all_well_formed = stored.values().all(|s| s.well_formed);
         let none = HashSet::new();
         let ob = &rig.outbox;
-        read_back("next_batch", ob.next_batch(16, &none, None), &stored, all_well_formed)?;
+        let first = ob.next_batch(16, &none, None);
+        let outcome = match &first {
+            Ok(_) => "payload: read back",
+            Err(_) => "payload: a typed error",
+        };
+        read_back("next_batch", first, &stored, all_well_formed)?;
         read_back(
             "next_batch(live first)",
             ob.next_batch(16, &none, Some(0)),
@@ -284,7 +290,7 @@ fn payload_mode(rest: &[u8]) -> Result<(), String> {
         }
         let _ = ob.stats();
         let _ = ob.evictions();
-        Ok(())
+        Ok(outcome)
     })
 }
 
@@ -389,7 +395,7 @@ fn tolerate_open_finding() -> bool {
     *SET.get_or_init(|| std::env::var_os("EDGE_VISION_FUZZ_TOLERATE_OPEN_FINDING").is_some())
 }
 
-fn corrupt_mode(rest: &[u8]) -> Result<(), String> {
+fn corrupt_mode(rest: &[u8]) -> Result<&'static str, String> {
     let file = damaged(rest);
     let dir = scratch();
     let path: PathBuf = dir.path().join("outbox.db");
@@ -399,7 +405,7 @@ fn corrupt_mode(rest: &[u8]) -> Result<(), String> {
         // A typed error (too new a schema, a file SQLite cannot open) is an answer.
         Err(e) => {
             let _ = e.to_string();
-            return Ok(());
+            return Ok("damaged: open refused with a typed error");
         }
     };
     if let Some(moved) = &report.quarantined {
@@ -422,7 +428,7 @@ fn corrupt_mode(rest: &[u8]) -> Result<(), String> {
             let _ = e.to_string();
             let _ = ob.next_batch(64, &HashSet::new(), None);
             let _ = ob.reader().map(|r| r.rows_after(0, 64));
-            return Ok(());
+            return Ok("damaged: the open finding (tolerated)");
         }
         Err(e) => {
             return Err(format!(
@@ -455,5 +461,9 @@ fn corrupt_mode(rest: &[u8]) -> Result<(), String> {
     // The rest of the queue: whatever it holds, a typed answer.
     let _ = ob.next_batch(64, &HashSet::new(), None);
     let _ = reader.rows_after(0, 64);
-    Ok(())
+    Ok(if q {
+        "damaged: quarantined, the fresh outbox works"
+    } else {
+        "damaged: opened as it is, and works"
+    })
 }

@@ -4,15 +4,15 @@
 /// Longest dead-letter reason the sink stores: 2,000 characters plus the `...` marking a cut.
 pub const MAX_REASON_CHARS: usize = 2003;
 
-/// Judges one message and checks the invariants; `Err` names the one that broke (a panic in
-/// the sink propagates as a panic).
+/// Judges one message and checks the invariants; `Ok` says what the sink did with it, `Err`
+/// names the invariant that broke (a panic in the sink propagates as a panic).
 ///
 /// * a dead-letter reason holds no NUL and at most [`MAX_REASON_CHARS`] characters;
 /// * an accepted event, re-encoded with serde_json, is accepted again with the same id (what
 ///   the sink writes and what it would dead-letter agree).
-pub fn check(data: &[u8]) -> Result<(), String> {
+pub fn check(data: &[u8]) -> Result<&'static str, String> {
     match edge_vision::sink::judge(data) {
-        Err(reason) => check_reason(&reason),
+        Err(reason) => check_reason(&reason).map(|()| "dead-lettered"),
         Ok(id) => {
             let ev = edge_vision::event::decode(data)
                 .map_err(|e| format!("judge accepted {id} but event::decode refuses it: {e}"))?;
@@ -21,7 +21,7 @@ pub fn check(data: &[u8]) -> Result<(), String> {
             }
             let again = serde_json::to_vec(&ev).map_err(|e| format!("re-encoding {id}: {e}"))?;
             match edge_vision::sink::judge(&again) {
-                Ok(id2) if id2 == id => Ok(()),
+                Ok(id2) if id2 == id => Ok("accepted"),
                 Ok(id2) => Err(format!("re-encoded {id} is judged as {id2}")),
                 Err(reason) => Err(format!(
                     "re-encoded {id} is dead-lettered: {reason} (re-encoded: {})",
