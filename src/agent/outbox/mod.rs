@@ -175,6 +175,7 @@ impl Outbox {
             return Err(OpenError::CapTooSmall(cfg.max_bytes));
         }
         let path = cfg.path.clone();
+        let cfg_again = cfg.clone();
         let sq = |source| OpenError::Sqlite {
             path: path.clone(),
             source,
@@ -253,6 +254,29 @@ impl Outbox {
                 found,
             },
         })?;
+        match outbox.self_check().map_err(sq)? {
+            files::SelfCheck::Sound => {}
+            files::SelfCheck::Repaired { next_seq } => {
+                tracing::warn!(outbox = %path.display(), next_seq, "outbox seq counter was missing or behind its rows; repaired");
+            }
+            files::SelfCheck::Damaged(why) => {
+                // Damage quick_check missed: set the file aside like any corrupt one.
+                drop(outbox);
+                let moved = quarantine(&path).map_err(|source| OpenError::Quarantine {
+                    path: path.clone(),
+                    source,
+                })?;
+                tracing::error!(outbox = %path.display(), moved_to = %moved.display(), error = %why, "outbox cannot be written (damage its integrity check missed); moved aside, starting a fresh one");
+                let (fresh, mut again) = Self::open(cfg_again)?;
+                fresh
+                    .conn
+                    .execute(BUMP_COUNTER, params!["quarantined", 1])
+                    .map_err(sq)?;
+                again.quarantined = Some(moved);
+                again.migrated_from = report.migrated_from;
+                return Ok((fresh, again));
+            }
+        }
         outbox.depth = outbox.stats_counts().map_err(sq)?.0;
         outbox.ensure_reserve();
         if report.quarantined.is_some() {
