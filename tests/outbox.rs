@@ -350,6 +350,34 @@ fn a_really_full_disk_evicts_and_keeps_going() {
     let c = rusqlite::Connection::open(&p).unwrap();
     let check: String = c.query_row("PRAGMA quick_check", [], |r| r.get(0)).unwrap();
     assert_eq!(check, "ok");
+    drop(c);
+    // Reopened on a disk with no byte left but the outbox's reserve file (the agent
+    // restarting after something else filled the disk): SQLite cannot even create the WAL's
+    // shared-memory file, so the open releases the reserve and succeeds; its write probe does
+    // not refuse the file, nor set it aside; the queue is intact.
+    {
+        use std::io::Write;
+        let reserve = mnt.join("o.sqlite.reserve");
+        let _ = std::fs::remove_file(&reserve);
+        let mut r = std::fs::File::create(&reserve).unwrap();
+        let mut kept = 0;
+        while kept < 256 << 10 && r.write_all(&[0u8; 4096]).is_ok() {
+            kept += 4096;
+        }
+        r.sync_all().unwrap();
+        assert!(kept >= 128 << 10, "room for the reserve: {kept} B");
+        let mut filler = std::fs::File::create(mnt.join("filler")).unwrap();
+        while filler.write_all(&[0u8; 4096]).is_ok() {}
+    }
+    let (again, report) = Outbox::open({
+        let mut cfg = OutboxConfig::new(&p, "dev");
+        cfg.max_bytes = 64 << 20;
+        cfg.durability = Durability::Normal;
+        cfg
+    })
+    .expect("a full disk does not keep the outbox from opening");
+    assert!(report.quarantined.is_none());
+    assert_eq!(again.stats().unwrap().depth, st.depth);
 }
 
 /// `edge-agent status` on the outbox of a running agent whose writer holds a write

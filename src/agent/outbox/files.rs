@@ -9,6 +9,22 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension};
 
 use super::Outbox;
 
+/// The reserve file of the outbox at `path`.
+pub(super) fn reserve_of(path: &Path) -> PathBuf {
+    let mut p = path.to_path_buf().into_os_string();
+    p.push(".reserve");
+    PathBuf::from(p)
+}
+
+/// SQLite ran out of disk: a full disk, or an I/O error creating or growing a file (the
+/// WAL's shared-memory file on a disk with no byte left is `SQLITE_IOERR_SHMSIZE`).
+pub(super) fn no_room(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::DiskFull | ErrorCode::SystemIoFailure)
+    )
+}
+
 pub(super) fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -65,9 +81,7 @@ impl Outbox {
     /// The reserve file next to the outbox: a few hundred KiB of zeros, deleted when the disk
     /// is really full so that checkpoints and evictions can still be written, then re-created.
     pub(super) fn reserve_path(&self) -> PathBuf {
-        let mut p = self.cfg.path.clone().into_os_string();
-        p.push(".reserve");
-        PathBuf::from(p)
+        reserve_of(&self.cfg.path)
     }
 
     /// Creates the reserve file if it is missing and the disk has room (best effort).
@@ -159,6 +173,7 @@ impl Outbox {
                 rusqlite::Error::QueryReturnedNoRows | rusqlite::Error::InvalidColumnType(..)
             )
         };
+        let full = |e: &rusqlite::Error| e.sqlite_error_code() == Some(ErrorCode::DiskFull);
         let mut result = SelfCheck::Sound;
         // The small tables (meta; dead letters, at most 5% of the cap) get the full check,
         // their indexes against their rows, which quick_check skips; the events table's
@@ -193,6 +208,11 @@ impl Outbox {
                 {
                     Ok(_) => result = SelfCheck::Repaired { next_seq },
                     Err(e) if damage(&e) => return Ok(SelfCheck::Damaged(e.to_string())),
+                    // Repaired by the next open with room; enqueue fails meanwhile.
+                    Err(e) if full(&e) => {
+                        tracing::warn!(error = %e, "outbox seq counter cannot be repaired now: the disk is full");
+                        return Ok(result);
+                    }
                     Err(e) => return Err(e),
                 }
             }
@@ -203,6 +223,12 @@ impl Outbox {
         match self.probe_writes() {
             Ok(()) => Ok(result),
             Err(e) if damage(&e) => Ok(SelfCheck::Damaged(e.to_string())),
+            // A full disk says nothing about the file, and must not keep the agent from
+            // starting: enqueue evicts and falls back on the reserve file.
+            Err(e) if full(&e) => {
+                tracing::warn!(error = %e, "outbox write probe skipped: the disk is full");
+                Ok(result)
+            }
             Err(e) => Err(e),
         }
     }

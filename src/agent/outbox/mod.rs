@@ -169,8 +169,24 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// Opens (creating, migrating or quarantining as needed).
+    /// Opens (creating, migrating or quarantining as needed). On a disk with no room left
+    /// (SQLite cannot even create the WAL's shared-memory file), the reserve file next to the
+    /// outbox is deleted and the open tried once more: that room is what the reserve is for.
     pub fn open(cfg: OutboxConfig) -> Result<(Self, OpenReport), OpenError> {
+        match Self::open_once(cfg.clone()) {
+            Err(OpenError::Sqlite { path, source }) if files::no_room(&source) => {
+                let reserve = files::reserve_of(&path);
+                if std::fs::remove_file(&reserve).is_err() {
+                    return Err(OpenError::Sqlite { path, source });
+                }
+                tracing::warn!(outbox = %path.display(), error = %source, "no room on the disk to open the outbox: reserve file released");
+                Self::open_once(cfg)
+            }
+            other => other,
+        }
+    }
+
+    fn open_once(cfg: OutboxConfig) -> Result<(Self, OpenReport), OpenError> {
         if cfg.max_bytes < 256 * 1024 {
             return Err(OpenError::CapTooSmall(cfg.max_bytes));
         }
