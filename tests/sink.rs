@@ -7,21 +7,8 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::broker::Broker;
-use common::rig::{count, database, event, producer, send, send_all, wait_for};
-use edge_vision::sink::{self, SinkConfig, SinkStatus};
-use tokio::sync::watch;
-
-fn spawn_sink(
-    cfg: SinkConfig,
-) -> (
-    watch::Sender<bool>,
-    watch::Receiver<SinkStatus>,
-    tokio::task::JoinHandle<Result<(), sink::SinkError>>,
-) {
-    let (stop, stop_rx) = watch::channel(false);
-    let (tx, rx) = watch::channel(SinkStatus::default());
-    (stop, rx, tokio::spawn(sink::run(cfg, stop_rx, tx)))
-}
+use common::rig::{count, database, event, producer, send, send_all, spawn_sink, wait_for};
+use edge_vision::sink::{self, SinkConfig};
 
 /// 100,000 events in (plus 1,000 delivered twice): exactly 100,000 event rows and the right
 /// number of object rows.

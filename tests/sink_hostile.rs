@@ -8,21 +8,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::broker::Broker;
-use common::rig::{count, database, event, producer, send_all};
-use edge_vision::sink::{self, Phase, SinkConfig, SinkStatus};
-use tokio::sync::watch;
-
-fn spawn_sink(
-    cfg: SinkConfig,
-) -> (
-    watch::Sender<bool>,
-    watch::Receiver<SinkStatus>,
-    tokio::task::JoinHandle<Result<(), sink::SinkError>>,
-) {
-    let (stop, stop_rx) = watch::channel(false);
-    let (tx, rx) = watch::channel(SinkStatus::default());
-    (stop, rx, tokio::spawn(sink::run(cfg, stop_rx, tx)))
-}
+use common::rig::{count, database, event, producer, send_all, spawn_sink, until};
+use edge_vision::sink::{self, Phase, SinkConfig};
 
 async fn sql(db: &str, text: &str) {
     sink::connect(db)
@@ -56,20 +43,6 @@ fn watermarks(bootstrap: &str, topic: &str, partitions: i32) -> Vec<(i64, i64)> 
                 .unwrap_or((-1, -1))
         })
         .collect()
-}
-
-/// Waits until `done` holds for the status, or fails with it.
-async fn until(
-    status: &watch::Receiver<SinkStatus>,
-    what: &str,
-    secs: u64,
-    done: impl Fn(&SinkStatus) -> bool,
-) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !done(&status.borrow()) {
-        assert!(Instant::now() < deadline, "{what}: {:?}", *status.borrow());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// 3,000 good events with refused ones (a CHECK violation, class 23; a trigger's

@@ -12,9 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::broker::{free_port, Broker};
 use common::proxy::FaultProxy;
-use common::rig::{count, database, event, producer, send_all, wait_for};
-use edge_vision::sink::{self, Phase, SinkConfig, SinkStatus};
-use tokio::sync::watch;
+use common::rig::{count, database, event, producer, send_all, spawn_sink, until, wait_for};
+use edge_vision::sink::{Phase, SinkConfig};
 
 /// The test database's URL through `proxy`.
 fn via(proxy: &FaultProxy, db: &str) -> String {
@@ -52,20 +51,13 @@ async fn a_stop_while_the_database_is_unreachable_ends_the_sink_at_once() {
     cfg.batch_size = 500;
     cfg.batch_ms = 50;
     cfg.metrics_listen = String::new();
-    let (stop, stop_rx) = watch::channel(false);
-    let (tx, status) = watch::channel(SinkStatus::default());
-    let task = tokio::spawn(sink::run(cfg.clone(), stop_rx, tx));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while status.borrow().events < 2000 {
-        assert!(Instant::now() < deadline, "{:?}", *status.borrow());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (stop, status, task) = spawn_sink(cfg.clone());
+    until(&status, "consuming", 60, |s| s.events >= 2000).await;
     proxy.cut();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !matches!(status.borrow().phase, Phase::WaitingForDatabase { .. }) {
-        assert!(Instant::now() < deadline, "{:?}", *status.borrow());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until(&status, "waiting for the database", 30, |s| {
+        matches!(s.phase, Phase::WaitingForDatabase { .. })
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let asked = Instant::now();
     let _ = stop.send(true);
@@ -79,9 +71,7 @@ async fn a_stop_while_the_database_is_unreachable_ends_the_sink_at_once() {
     assert_eq!(count(&db, "SELECT count(*) FROM dead_letters").await, 0);
 
     proxy.restore();
-    let (stop, stop_rx) = watch::channel(false);
-    let (tx, _status) = watch::channel(SinkStatus::default());
-    let task = tokio::spawn(sink::run(cfg, stop_rx, tx));
+    let (stop, _status, task) = spawn_sink(cfg);
     let done = wait_for(
         &db,
         "SELECT coalesce(sum(next_offset), 0)::bigint FROM sink_offsets",
@@ -117,34 +107,25 @@ async fn a_rebalance_while_one_database_is_unreachable_does_not_hold_the_group()
         cfg.batch_size = 500;
         cfg.batch_ms = 50;
         cfg.metrics_listen = String::new();
-        let (stop, stop_rx) = watch::channel(false);
-        let (tx, status) = watch::channel(SinkStatus::default());
-        (stop, status, tokio::spawn(sink::run(cfg, stop_rx, tx)))
+        spawn_sink(cfg)
     };
     let (stop_a, a, task_a) = spawn(via(&proxy, &db));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while a.borrow().events < 2000 {
-        assert!(Instant::now() < deadline, "{:?}", *a.borrow());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until(&a, "consuming", 60, |s| s.events >= 2000).await;
     proxy.cut();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !matches!(a.borrow().phase, Phase::WaitingForDatabase { .. }) {
-        assert!(Instant::now() < deadline, "{:?}", *a.borrow());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until(&a, "waiting for the database", 30, |s| {
+        matches!(s.phase, Phase::WaitingForDatabase { .. })
+    })
+    .await;
     let a_events = a.borrow().events;
     let joined = Instant::now();
     let (stop_b, bst, task_b) = spawn(db.clone());
-    let deadline = Instant::now() + Duration::from_secs(45);
-    while bst.borrow().events == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the second member got nothing to write while the first waits: {:?}",
-            *bst.borrow()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until(
+        &bst,
+        "the second member got nothing to write while the first waits",
+        45,
+        |s| s.events > 0,
+    )
+    .await;
     eprintln!("second member writing {:?} after joining", joined.elapsed());
     assert_eq!(
         a.borrow().events,

@@ -406,7 +406,7 @@ impl Sink {
                         }
                     };
                     learn(&self.assignment, &mut self.next, &mut self.st);
-                    let pending = self.assignment.lock().map(|a| a.pending).unwrap_or(false);
+                    let pending = is_pending(&self.assignment);
                     if pending {
                         // Fetched before the assignment was withdrawn: fetched again later.
                         continue;
@@ -441,7 +441,7 @@ impl Sink {
                     self.beat();
                     // Partitions the rebalance callback left pending are assigned by
                     // `consume`, which needs this batch closed (even empty) to get there.
-                    let pending = self.assignment.lock().map(|a| a.pending).unwrap_or(false);
+                    let pending = is_pending(&self.assignment);
                     if deadline.is_some() || pending { break; }
                 }
                 _ = self.stop.changed() => return None,
@@ -580,6 +580,11 @@ impl Sink {
         self.beat();
         Next::Consume
     }
+}
+
+/// Whether the owned partitions are waiting to be assigned (not fetched now).
+fn is_pending(assignment: &Mutex<Assignment>) -> bool {
+    assignment.lock().map(|a| a.pending).unwrap_or(false)
 }
 
 /// Takes what the rebalance callback learnt: start offsets, and the count of assignments.

@@ -59,10 +59,7 @@ impl Item {
             Item::Bad { payload, .. } => (payload.clone(), "dead letter refused too"),
             Item::Repeat { .. } => (None, "re-delivery"),
         };
-        let detail = match error.as_db_error() {
-            Some(db) => format!("SQLSTATE {}: {}", db.code().code(), db.message()),
-            None => error.to_string(),
-        };
+        let detail = super::triage::describe(error);
         Item::Bad {
             partition,
             offset,

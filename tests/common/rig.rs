@@ -5,10 +5,11 @@
 use std::time::{Duration, Instant};
 
 use edge_vision::event::Event;
-use edge_vision::sink;
+use edge_vision::sink::{self, SinkConfig, SinkStatus};
 use edge_vision::testkit::Synthetic;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
+use tokio::sync::watch;
 
 use super::broker::Broker;
 
@@ -93,4 +94,31 @@ pub fn event(i: u64, objects: usize) -> Event {
         .devices(7)
         .with_seq()
         .event(i, objects)
+}
+
+/// A running in-process sink: its stop switch, its status, its task.
+pub fn spawn_sink(
+    cfg: SinkConfig,
+) -> (
+    watch::Sender<bool>,
+    watch::Receiver<SinkStatus>,
+    tokio::task::JoinHandle<Result<(), sink::SinkError>>,
+) {
+    let (stop, stop_rx) = watch::channel(false);
+    let (tx, rx) = watch::channel(SinkStatus::default());
+    (stop, rx, tokio::spawn(sink::run(cfg, stop_rx, tx)))
+}
+
+/// Waits until `done` holds for the sink's status, or fails naming `what` with the status.
+pub async fn until(
+    status: &watch::Receiver<SinkStatus>,
+    what: &str,
+    secs: u64,
+    done: impl Fn(&SinkStatus) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !done(&status.borrow()) {
+        assert!(Instant::now() < deadline, "{what}: {:?}", *status.borrow());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
