@@ -23,6 +23,10 @@ pub enum Kind {
     CameraRecovered,
     /// The outbox evicted events to stay under its cap; `health.evicted` has the counts.
     OutboxEvicted,
+    /// The broker refused an event for itself while it took others: the event was parked in
+    /// the outbox's dead-letter table; `health.message` names its `seq`, `event_id` and the
+    /// broker's reason.
+    EventParked,
 }
 
 impl Kind {
@@ -35,6 +39,7 @@ impl Kind {
             Kind::CameraLost => "camera_lost",
             Kind::CameraRecovered => "camera_recovered",
             Kind::OutboxEvicted => "outbox_evicted",
+            Kind::EventParked => "event_parked",
         }
     }
 
@@ -338,6 +343,7 @@ mod tests {
             Kind::CameraLost,
             Kind::CameraRecovered,
             Kind::OutboxEvicted,
+            Kind::EventParked,
         ] {
             assert_eq!(
                 serde_json::to_value(k).unwrap(),

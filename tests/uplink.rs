@@ -10,8 +10,11 @@ use std::time::{Duration, Instant};
 use common::broker::Broker;
 use edge_vision::agent::outbox::{Durability, Outbox, OutboxConfig};
 use edge_vision::agent::uplink::{self, State, UplinkConfig, UplinkStatus};
-use edge_vision::event::{Event, Object};
+use edge_vision::event::{Event, Kind, Object};
 use edge_vision::testkit::Synthetic;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
 use tokio::sync::watch;
 
 /// Event `i` from device `dev-1`; every third one without detections.
@@ -374,6 +377,64 @@ async fn rows_the_broker_refuses_are_parked_only_while_others_are_delivered() {
         st.delivered + st.dead_lettered >= 600,
         "every row delivered or parked: {st:?}"
     );
+
+    // Each parked detection is announced upstream by an `event_parked` health event naming it
+    // (unless that announcement was refused and parked in turn: parking a health event
+    // announces nothing, so nothing loops).
+    let parked_kinds = |kind: Kind| -> Vec<Event> {
+        let db = rusqlite::Connection::open(dir.path().join("outbox.sqlite")).unwrap();
+        let mut stmt = db.prepare("SELECT payload FROM dead_letters").unwrap();
+        let rows: Vec<Vec<u8>> = stmt
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        rows.iter()
+            .map(|p| edge_vision::event::decode(p).unwrap())
+            .filter(|e| e.kind == kind)
+            .collect()
+    };
+    let parked_detections = parked_kinds(Kind::Detection);
+    let parked_announcements: Vec<String> = parked_kinds(Kind::EventParked)
+        .into_iter()
+        .map(|e| e.health.unwrap().message.unwrap())
+        .collect();
+    assert!(!parked_detections.is_empty());
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", mock.bootstrap_servers())
+        .set("group.id", "parked-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset("late", 0, rdkafka::Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    // Everything delivered is on the topic: the unparked detections and the announcements.
+    let expect = usize::try_from(st.delivered).unwrap();
+    let mut announced = Vec::new();
+    let mut seen = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while seen < expect && std::time::Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            seen += 1;
+            let ev = edge_vision::event::decode(m.payload().unwrap()).unwrap();
+            if ev.kind == Kind::EventParked {
+                announced.push(ev.health.unwrap().message.unwrap());
+            }
+        }
+    }
+    announced.extend(parked_announcements);
+    assert_eq!(
+        announced.len(),
+        parked_detections.len(),
+        "one announcement per parked detection: {announced:?}"
+    );
+    for ev in &parked_detections {
+        let named = format!("(event {}) parked: refused by the broker", ev.event_id);
+        let n = announced.iter().filter(|m| m.contains(&named)).count();
+        assert_eq!(n, 1, "announcements naming {named}: {announced:?}");
+    }
 }
 
 /// The dead-letter table stays inside its share of the cap: the oldest dead letters go, and
@@ -398,6 +459,26 @@ fn the_dead_letter_table_is_bounded_inside_the_cap() {
         "kept {kept} of ~{one} B, budget {budget}"
     );
     assert_eq!(ob.dead_letters_dropped().unwrap(), 400 - kept);
+    // What stays queued is one `event_parked` announcement per parked event.
+    let queued = ob.next_batch(1_000, &HashSet::new(), None).unwrap();
+    assert_eq!(queued.len(), 400);
+    for (p, ev) in queued.iter().zip(&events) {
+        let a = edge_vision::event::decode(&p.payload).unwrap();
+        assert_eq!(a.kind, Kind::EventParked);
+        let m = a.health.unwrap().message.unwrap();
+        assert!(
+            m.contains(&format!(
+                "(event {}) parked: refused by the broker: test",
+                ev.event_id
+            )),
+            "{m}"
+        );
+    }
+    // Parking an announcement announces nothing.
+    for p in &queued {
+        ob.dead_letter(p.seq, "refused by the broker: test")
+            .unwrap();
+    }
     assert_eq!(ob.stats().unwrap().depth, 0);
 }
 

@@ -28,6 +28,7 @@
 
 mod evict;
 mod files;
+mod park;
 mod reader;
 mod schema;
 mod stats;
@@ -41,7 +42,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
+use rusqlite::{params, Connection, ErrorCode};
 
 use crate::event::{Event, Evictions, Health, Kind};
 
@@ -410,25 +411,7 @@ impl Outbox {
         {
             let mut insert = tx.prepare_cached(INSERT_EVENT)?;
             for ev in health.iter_mut().chain(events.iter_mut()) {
-                ev.seq = next as u64;
-                let payload = serde_json::to_vec(&*ev)?;
-                let class = if ev.kind.is_health() {
-                    2
-                } else if ev.detections.is_empty() {
-                    0
-                } else {
-                    1
-                };
-                insert.execute(params![
-                    next,
-                    ev.event_id.to_string(),
-                    ev.device_id,
-                    payload,
-                    now,
-                    class,
-                    ev.max_confidence() as f64,
-                    payload.len() as i64
-                ])?;
+                insert_row(&mut insert, next, ev, now)?;
                 seqs.push(next as u64);
                 next += 1;
             }
@@ -559,41 +542,6 @@ impl Outbox {
         Ok(n)
     }
 
-    /// Moves a row to the dead-letter table (it will never be sent again). The table is
-    /// bounded inside the cap: its payloads may take [`DEAD_LETTER_SHARE`] of `max_bytes`;
-    /// beyond that the oldest dead letters are dropped (counted in `dead_letters_dropped`).
-    pub fn dead_letter(&mut self, seq: u64, reason: &str) -> rusqlite::Result<()> {
-        let seq =
-            i64::try_from(seq).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-        let budget = i64::try_from(self.cfg.max_bytes / DEAD_LETTER_SHARE).unwrap_or(i64::MAX);
-        let tx = self.conn.transaction()?;
-        tx.execute(DEAD_LETTER, params![seq, reason, now_ms()])?;
-        let gone = tx.execute(DELETE_EVENT, params![seq])?;
-        let dropped = tx.execute(TRIM_DEAD_LETTERS, params![budget])?;
-        if dropped > 0 {
-            tx.execute(
-                BUMP_DROPPED_DEAD_LETTERS,
-                params![i64::try_from(dropped).unwrap_or(i64::MAX)],
-            )?;
-            tracing::warn!(
-                dropped,
-                "outbox dead-letter table at its share of the cap: oldest dead letters dropped"
-            );
-        }
-        tx.commit()?;
-        self.depth = self.depth.saturating_sub(gone as u64);
-        Ok(())
-    }
-
-    /// Dead letters dropped to keep the table inside its share of the cap, ever.
-    pub fn dead_letters_dropped(&self) -> rusqlite::Result<u64> {
-        let n: Option<i64> = self
-            .conn
-            .query_row(READ_DROPPED_DEAD_LETTERS, [], |r| r.get(0))
-            .optional()?;
-        Ok(n.and_then(|n| u64::try_from(n).ok()).unwrap_or(0))
-    }
-
     fn stats_counts(&self) -> rusqlite::Result<(u64, u64, Option<i64>)> {
         stats::counts(&self.conn)
     }
@@ -629,4 +577,41 @@ impl Outbox {
 
 fn is_full(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::DiskFull)
+}
+
+/// Events are stored by class: the eviction order and the parking rule read it.
+const CLASS_EMPTY: i64 = 0;
+const CLASS_DETECTIONS: i64 = 1;
+const CLASS_HEALTH: i64 = 2;
+
+/// Inserts `ev` as row `seq` (and gives it that `seq`).
+fn insert_row(
+    insert: &mut rusqlite::CachedStatement<'_>,
+    seq: i64,
+    ev: &mut Event,
+    now: i64,
+) -> rusqlite::Result<()> {
+    let unstorable =
+        |e: Box<dyn std::error::Error + Send + Sync>| rusqlite::Error::ToSqlConversionFailure(e);
+    ev.seq = u64::try_from(seq).map_err(|e| unstorable(Box::new(e)))?;
+    let payload = serde_json::to_vec(&*ev).map_err(|e| unstorable(Box::new(e)))?;
+    let class = if ev.kind.is_health() {
+        CLASS_HEALTH
+    } else if ev.detections.is_empty() {
+        CLASS_EMPTY
+    } else {
+        CLASS_DETECTIONS
+    };
+    let bytes = i64::try_from(payload.len()).map_err(|e| unstorable(Box::new(e)))?;
+    insert.execute(params![
+        seq,
+        ev.event_id.to_string(),
+        ev.device_id,
+        payload,
+        now,
+        class,
+        f64::from(ev.max_confidence()),
+        bytes
+    ])?;
+    Ok(())
 }

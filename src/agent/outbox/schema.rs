@@ -80,6 +80,8 @@ pub(super) const SELECT_TO_SEND: &str =
     "SELECT seq, '', device_id, payload FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2";
 pub(super) const SELECT_BY_SEQ: &str =
     "SELECT seq, event_id, device_id, payload FROM events WHERE seq = ?1";
+/// The class and event id of a row about to be parked.
+pub(super) const SELECT_PARKED: &str = "SELECT class, event_id FROM events WHERE seq = ?1";
 pub(super) const DEAD_LETTER: &str =
     "INSERT OR REPLACE INTO dead_letters (seq, event_id, payload, reason, at)
      SELECT seq, event_id, payload, ?2, ?3 FROM events WHERE seq = ?1";
