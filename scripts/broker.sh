@@ -16,14 +16,11 @@ TANSU_VERSION=0.6.0
 RUN="${EDGE_VISION_CACHE:-$HOME/.cache/edge-vision}/run"
 mkdir -p "$RUN"
 
-# tansu 0.6.0 has two bugs our kill tests walk into, so we build it from its crates.io
-# sources with small fixes, one patch per crate in scripts/tansu/ (CRATE.patch):
-# * tansu-storage: a fetch that starts inside a record batch was answered with the *next*
-#   batch, so a consumer resuming from a stored offset mid-batch silently lost the rest of that
-#   batch (Kafka serves the containing batch; the client skips the records before its offset).
-# * tansu-broker: when a member's session expired, the heartbeat that noticed it removed the
-#   member but left the group "formed", so the survivors rejoined the old generation and the
-#   dead member's partitions stayed assigned to nobody.
+# tansu 0.6.0 has bugs our tests walk into, so we build it from its crates.io sources with
+# small fixes, one patch per crate in scripts/tansu/ (CRATE.patch; README.md there says what
+# each fixes): fetches inside a batch, ListOffsets' latest offset, expired group members,
+# TLS (--cert with --key, and the handshake itself) and SCRAM users for the memory engine
+# (`TANSU_SCRAM_USERS=FILE` of user:password lines).
 # Crate checksums are pinned (the ones crates.io's index holds). The build directory is kept
 # in the cache, so changing a patch rebuilds only the patched crates.
 TANSU_PATCHES="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/tansu"
@@ -31,6 +28,7 @@ declare -A TANSU_SHA256=(
   [tansu]=4fdd85473ec265140488cf8d55e82b844f5c051c8916fabdd4a71156ac053f6d
   [tansu-storage]=720d2ed8e6010c70f7f06e5af5a7274ebbf6e42fdcd9e46de542b10dc4d2f35d
   [tansu-broker]=93c1e91b40c2a706dfdbe9a795c08c70918c874ad23f6e0e87564cc0a180e720
+  [tansu-cli]=600469bbf4252bf48b922abc2b582e3778533cd52ae59e7b6f51d307b4523965
 )
 STAMP="$TOOLS/bin/tansu.build"
 
