@@ -132,6 +132,13 @@ pub const CONSUMER_PROTECTED: &[Protected] = &[
               callback; cooperative-sticky's incremental assignment bypasses it",
     },
     Protected {
+        keys: &["auto.offset.reset"],
+        allowed: &["error"],
+        why: "a fetch outside the log must come back to the sink, which checks the stored offset \
+              against the watermarks (src/sink/offsets.rs); a reset by librdkafka would skip the \
+              new log's records below the stored offset as already written",
+    },
+    Protected {
         keys: &["group.protocol"],
         allowed: &["classic"],
         why: "the sink assigns each partition at PostgreSQL's offset in the rebalance callback, \

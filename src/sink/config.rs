@@ -33,6 +33,9 @@ pub struct SinkConfig {
     pub max_message_bytes: usize,
     /// `/metrics` and `/healthz` address (empty: off).
     pub metrics_listen: String,
+    /// A stored offset past the end of its partition's log (the topic was deleted and
+    /// re-created): `rewind` to the new log's start, or `hold` the partition for an operator.
+    pub stored_offset_past_end: super::offsets::PastEnd,
     /// TLS/SASL to Kafka; passwords come from files.
     #[serde(default)]
     pub security: crate::kafka::Security,
@@ -64,6 +67,7 @@ impl SinkConfig {
             batch_ms: 500,
             max_message_bytes: MAX_MESSAGE_BYTES,
             metrics_listen: "127.0.0.1:9465".into(),
+            stored_offset_past_end: Default::default(),
             security: Default::default(),
             librdkafka: Default::default(),
         }
@@ -78,7 +82,7 @@ pub fn consumer_config(cfg: &SinkConfig) -> Result<ClientConfig, SinkError> {
         .set("group.id", &cfg.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
+        .set("auto.offset.reset", "error")
         .set("session.timeout.ms", "6000")
         .set("heartbeat.interval.ms", "1000")
         .set("queued.max.messages.kbytes", "65536")

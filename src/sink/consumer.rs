@@ -17,6 +17,9 @@
 //! The rebalance callback runs inside librdkafka's poll, so it may not wait for the database
 //! indefinitely either: it gives PostgreSQL [`ASSIGN_BUDGET`] to answer with the stored
 //! offsets, and otherwise assigns nothing and leaves the partitions to the loop (pending).
+//! Either way a stored offset is checked against the partition's watermarks before it is
+//! used (`offsets`); a fetch that still finds its offset outside the log
+//! (`auto.offset.reset=error`) sends the partitions back to pending, to be checked again.
 //! SIGTERM ends every phase at once: what is not committed has moved no offset. Each turn of
 //! the loop beats in the status, which `/healthz` and the watchdog read (`health`).
 
@@ -34,12 +37,10 @@ use crate::sink::database::{self, Database};
 
 use super::config::{consumer_config, SinkConfig};
 use super::decode::{Batch, Item};
+use super::offsets::{self, PastEnd, Plan};
 use super::schema::{migrate, schema_is_current};
 use super::triage::{self, describe, is_transient, Outcome, Stall};
 use super::{Phase, SinkError, SinkStatus};
-
-const SELECT_OFFSETS: &str =
-    "SELECT kafka_partition, next_offset FROM sink_offsets WHERE kafka_topic = $1";
 
 /// How long the rebalance callback waits for PostgreSQL's offsets before it assigns nothing
 /// and leaves the partitions to the loop. It runs inside librdkafka's poll, so this stays
@@ -60,8 +61,25 @@ struct Assignment {
     /// in time, or the loop stopped fetching while it waits for the database. The loop
     /// assigns them at PostgreSQL's offsets as soon as it can.
     pending: bool,
+    /// Owned partitions not fetched by policy (`stored_offset_past_end = "hold"`), with why.
+    held: Vec<(i32, String)>,
     /// Assignments made (callback or loop), for the status.
     made: u64,
+    /// Stored offsets reset to a new log's start, and starts past deleted records.
+    rewound: u64,
+    truncated: u64,
+}
+
+impl Assignment {
+    /// Takes in an assignment made from `plan`.
+    fn made_from(&mut self, plan: Plan) {
+        self.fresh.extend(plan.fresh);
+        self.held = plan.held;
+        self.rewound += plan.rewound;
+        self.truncated += plan.truncated;
+        self.pending = false;
+        self.made += 1;
+    }
 }
 
 /// Starts every newly assigned partition exactly at PostgreSQL's stored offset: the
@@ -74,11 +92,23 @@ struct Ctx {
     database: Database,
     /// The one topic the sink consumes.
     topic: String,
+    /// What to do with a stored offset past the end of its log.
+    past_end: PastEnd,
     /// Total consumer lag from the last statistics report (-1: none yet).
     lag: Arc<std::sync::atomic::AtomicI64>,
+    /// The latest client-wide error (a TLS handshake or SASL login that failed, brokers
+    /// down), for the status.
+    broker_error: Arc<Mutex<Option<String>>>,
 }
 
 impl ClientContext for Ctx {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::warn!("librdkafka: {error}: {reason}");
+        if let Ok(mut e) = self.broker_error.lock() {
+            *e = Some(format!("{error}: {reason}"));
+        }
+    }
+
     fn stats(&self, statistics: rdkafka::Statistics) {
         let lag: i64 = statistics
             .topics
@@ -91,49 +121,31 @@ impl ClientContext for Ctx {
     }
 }
 
-/// The stored offsets of `topic`'s partitions.
-async fn stored_offsets(
-    client: &Client,
-    topic: &str,
-) -> Result<HashMap<i32, i64>, tokio_postgres::Error> {
-    let rows = client.query(SELECT_OFFSETS, &[&topic]).await?;
-    rows.iter()
-        .map(|r| Ok((r.try_get::<_, i32>(0)?, r.try_get::<_, i64>(1)?)))
-        .collect()
-}
-
-/// The assignment of `owned` at the stored offsets (0 for a partition never written).
-fn start_at(
-    topic: &str,
-    owned: &[i32],
-    stored: &HashMap<i32, i64>,
-) -> (TopicPartitionList, Vec<(i32, i64)>) {
-    let mut tpl = TopicPartitionList::new();
-    let mut fresh = Vec::new();
-    for &p in owned {
-        let o = stored.get(&p).copied().unwrap_or(0);
-        let _ = tpl.add_partition_offset(topic, p, Offset::Offset(o));
-        fresh.push((p, o));
-    }
-    (tpl, fresh)
-}
-
 impl Ctx {
-    /// The stored offsets, read within `budget` (retrying while the database fails).
-    fn offsets_within(&self, budget: Duration) -> Result<HashMap<i32, i64>, String> {
+    /// The assignment of `owned` (`offsets::prepare`), made within `budget` (retrying while
+    /// the database fails).
+    fn plan_within(
+        &self,
+        owned: &[i32],
+        marks: &offsets::Marks,
+        budget: Duration,
+    ) -> Result<Plan, String> {
         let handle = tokio::runtime::Handle::try_current().map_err(|e| e.to_string())?;
         let db = self.database.clone();
         let topic = self.topic.clone();
+        let policy = self.past_end;
         tokio::task::block_in_place(|| {
             handle.block_on(async move {
                 let mut last = String::from("no answer");
                 let attempts = async {
                     loop {
                         match db.connect().await {
-                            Ok(c) => match stored_offsets(&c, &topic).await {
-                                Ok(s) => return s,
-                                Err(e) => last = describe(&e),
-                            },
+                            Ok(mut c) => {
+                                match offsets::prepare(&mut c, &topic, owned, marks, policy).await {
+                                    Ok(plan) => return plan,
+                                    Err(e) => last = describe(&e),
+                                }
+                            }
                             Err(e) => last = describe(&e),
                         }
                         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -176,19 +188,18 @@ impl ConsumerContext for Ctx {
             return;
         };
         a.owned = owned.clone();
-        match self.offsets_within(ASSIGN_BUDGET) {
-            Ok(stored) => {
-                let (with_offsets, fresh) = start_at(&self.topic, &owned, &stored);
+        let marks = tokio::task::block_in_place(|| offsets::watermarks(base, &self.topic, &owned));
+        match self.plan_within(&owned, &marks, ASSIGN_BUDGET) {
+            Ok(plan) => {
                 tracing::info!(
-                    ?fresh,
+                    fresh = ?plan.fresh,
+                    held = ?plan.held,
                     "partitions assigned at the offsets stored in PostgreSQL"
                 );
-                if let Err(e) = base.assign(&with_offsets) {
+                if let Err(e) = base.assign(&plan.tpl) {
                     tracing::error!(error = %e, "assign failed");
                 }
-                a.fresh.extend(fresh);
-                a.pending = false;
-                a.made += 1;
+                a.made_from(plan);
             }
             Err(e) => {
                 tracing::warn!(
@@ -220,6 +231,8 @@ struct Sink {
     consumer: StreamConsumer<Ctx>,
     assignment: Arc<Mutex<Assignment>>,
     lag: Arc<std::sync::atomic::AtomicI64>,
+    /// Shared with the consumer's context (`Ctx::broker_error`).
+    broker_error: Arc<Mutex<Option<String>>>,
     /// Next offset to write per partition, from PostgreSQL; messages below it are written.
     next: HashMap<i32, i64>,
     /// A message that must open the next batch (its id is in this one with other content).
@@ -267,11 +280,14 @@ pub async fn run(
     }
     let assignment = Arc::new(Mutex::new(Assignment::default()));
     let lag = Arc::new(std::sync::atomic::AtomicI64::new(-1));
+    let broker_error = Arc::new(Mutex::new(None));
     let consumer: StreamConsumer<Ctx> = consumer_config(&cfg)?.create_with_context(Ctx {
         assignment: assignment.clone(),
         database: db.clone(),
         topic: cfg.topic.clone(),
+        past_end: cfg.stored_offset_past_end,
         lag: lag.clone(),
+        broker_error: broker_error.clone(),
     })?;
     consumer.subscribe(&[&cfg.topic])?;
     st.consuming();
@@ -283,6 +299,7 @@ pub async fn run(
         consumer,
         assignment,
         lag,
+        broker_error,
         next: HashMap::new(),
         carry: None,
         st,
@@ -297,6 +314,11 @@ impl Sink {
     /// Marks the loop alive (and publishes the status).
     fn beat(&mut self) {
         self.st.last_beat = Some(Instant::now());
+        if let Ok(mut e) = self.broker_error.lock() {
+            if let Some(e) = e.take() {
+                self.st.last_broker_error = Some(e);
+            }
+        }
         self.status.send_replace(self.st.clone());
     }
 
@@ -315,26 +337,28 @@ impl Sink {
             Ok(a) if a.pending => a.owned.clone(),
             _ => return Ok(()),
         };
-        let stored = match stored_offsets(&self.client, &self.cfg.topic).await {
-            Ok(s) => s,
+        let topic = self.cfg.topic.clone();
+        let marks =
+            tokio::task::block_in_place(|| offsets::watermarks(&self.consumer, &topic, &owned));
+        let policy = self.cfg.stored_offset_past_end;
+        let plan = match offsets::prepare(&mut self.client, &topic, &owned, &marks, policy).await {
+            Ok(plan) => plan,
             Err(e) if is_transient(&e) => return Err(Stall::Unavailable(e)),
             Err(e) => return Err(Stall::Refusing(e)),
         };
-        let (tpl, fresh) = start_at(&self.cfg.topic, &owned, &stored);
         if let Ok(mut a) = self.assignment.lock() {
             // The callback runs only inside our own polls, so nothing changed meanwhile.
             if a.pending && a.owned == owned {
-                if let Err(e) = self.consumer.assign(&tpl) {
+                if let Err(e) = self.consumer.assign(&plan.tpl) {
                     tracing::error!(error = %e, "assign failed");
                     return Ok(());
                 }
                 tracing::info!(
-                    ?fresh,
+                    fresh = ?plan.fresh,
+                    held = ?plan.held,
                     "partitions assigned again at the offsets stored in PostgreSQL"
                 );
-                a.pending = false;
-                a.made += 1;
-                a.fresh.extend(fresh);
+                a.made_from(plan);
             }
         }
         self.learn_assignments();
@@ -394,11 +418,20 @@ impl Sink {
                 m = self.consumer.recv() => {
                     let m = match m {
                         Ok(m) => m,
+                        Err(e) if is_outside_the_log(&e) => {
+                            // `auto.offset.reset=error`: a fetch found its offset outside the
+                            // log (the topic was re-created or truncated under us). Stop
+                            // fetching; `consume` checks the partitions again.
+                            tracing::warn!(error = %e, "fetch offset outside the log: checking the partitions' offsets again");
+                            self.withdraw();
+                            break;
+                        }
                         Err(e) => {
                             // Broker down, transport errors: librdkafka reconnects by itself.
                             // Keep the batch so far and keep polling; offsets only move with
                             // rows in PostgreSQL, so nothing is lost or doubled.
                             self.st.broker_errors += 1;
+                            self.st.last_broker_error = Some(e.to_string());
                             tracing::warn!(error = %e, "consumer error; retrying");
                             self.beat();
                             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -508,14 +541,7 @@ impl Sink {
     async fn wait_for_database(&mut self, mut rest: Vec<Item>, stall: Stall) -> Next {
         let since = Instant::now();
         tracing::warn!(error = %stall, held = rest.len(), "waiting for the database; fetching paused, batch kept");
-        if let Ok(mut a) = self.assignment.lock() {
-            if !a.pending {
-                if let Err(e) = self.consumer.unassign() {
-                    tracing::warn!(error = %e, "unassign failed");
-                }
-                a.pending = true;
-            }
-        }
+        self.withdraw();
         let mut stall = stall;
         let mut backoff = Duration::from_millis(500);
         loop {
@@ -582,6 +608,32 @@ impl Sink {
     }
 }
 
+impl Sink {
+    /// Stops fetching: the owned partitions become pending, to be assigned again (at
+    /// PostgreSQL's offsets, checked against the log) by `resume`.
+    fn withdraw(&mut self) {
+        if let Ok(mut a) = self.assignment.lock() {
+            if !a.pending {
+                if let Err(e) = self.consumer.unassign() {
+                    tracing::warn!(error = %e, "unassign failed");
+                }
+                a.pending = true;
+            }
+        }
+    }
+}
+
+/// Whether a consumer error says a fetch offset lies outside the partition's log.
+fn is_outside_the_log(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    matches!(
+        e,
+        KafkaError::MessageConsumption(
+            RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange
+        )
+    )
+}
+
 /// Whether the owned partitions are waiting to be assigned (not fetched now).
 fn is_pending(assignment: &Mutex<Assignment>) -> bool {
     assignment.lock().map(|a| a.pending).unwrap_or(false)
@@ -594,6 +646,13 @@ fn learn(assignment: &Mutex<Assignment>, next: &mut HashMap<i32, i64>, st: &mut 
             next.insert(p, o);
         }
         st.assignments = a.made;
+        st.rewound = a.rewound;
+        st.truncated = a.truncated;
+        st.held = a
+            .held
+            .iter()
+            .map(|(p, why)| format!("partition {p}: {why}"))
+            .collect();
     }
 }
 

@@ -6,6 +6,7 @@
 //! | consuming | 200 `ok` | pinged |
 //! | waiting for the database (down, restarting, read-only, full) | 200 `waiting for the database ...` | pinged: healthy waiting, a restart would not help |
 //! | the database refuses every row | 503 `database refuses every row ...` | pinged (a restart would not help either) |
+//! | partitions held (`stored_offset_past_end = "hold"`) | 503 naming them | pinged (an operator must act) |
 //! | the loop has not run for [`STALL`] | 503 `stalled ...` | withheld: systemd restarts the sink |
 
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use crate::metrics::{self, Registry};
 /// A metric read off the status: name, help, getter.
 type Field = (&'static str, &'static str, fn(&SinkStatus) -> f64);
 
-const FIELDS: [Field; 15] = [
+const FIELDS: [Field; 18] = [
     (
         "edge_sink_messages_total",
         "Messages taken from Kafka into batches (written, repeated or dead-lettered).",
@@ -87,6 +88,21 @@ const FIELDS: [Field; 15] = [
         "edge_sink_offset_gaps_total",
         "Messages that arrived past a hole in their partition's offsets (records lost upstream).",
         |s| s.offset_gaps as f64,
+    ),
+    (
+        "edge_sink_offsets_rewound_total",
+        "Stored offsets past the end of a re-created partition's log, reset to its start (sink_health rows).",
+        |s| s.rewound as f64,
+    ),
+    (
+        "edge_sink_partitions_truncated_total",
+        "Partitions started past records deleted before the sink read them (sink_health rows).",
+        |s| s.truncated as f64,
+    ),
+    (
+        "edge_sink_partitions_held",
+        "Owned partitions not fetched because their stored offset is past the log's end (stored_offset_past_end = hold).",
+        |s| s.held.len() as f64,
     ),
     (
         "edge_sink_lag_messages",
@@ -171,6 +187,9 @@ pub fn phase_text(p: &Phase) -> String {
 /// being waited for; 503 when the loop stalled or the database refuses every row.
 pub fn report(s: &SinkStatus) -> Result<String, String> {
     alive(s)?;
+    if !s.held.is_empty() {
+        return Err(format!("partitions not fetched: {}", s.held.join("; ")));
+    }
     match &s.phase {
         Phase::DatabaseRefusing { .. } => Err(phase_text(&s.phase)),
         p => Ok(phase_text(p)),
@@ -209,6 +228,11 @@ mod tests {
         };
         assert!(report(&s).unwrap_err().contains("42501"));
         assert!(watchdog_ok(&s), "a restart would not help");
+        s.phase = Phase::Consuming;
+        s.held = vec!["partition 2: stored offset 9 is past the end 3".into()];
+        assert!(report(&s).unwrap_err().contains("partition 2"));
+        assert!(watchdog_ok(&s), "an operator must act, not systemd");
+        s.held.clear();
         let Some(old) = Instant::now().checked_sub(STALL + Duration::from_secs(1)) else {
             return; // a machine up for less than STALL: nothing to check
         };

@@ -39,6 +39,7 @@ pub mod consumer;
 pub mod database;
 mod decode;
 pub(crate) mod health;
+pub mod offsets;
 pub mod schema;
 mod triage;
 pub mod writer;
@@ -141,6 +142,12 @@ pub struct SinkStatus {
     pub conflicts: u64,
     /// Partition assignments made (rebalances and resumptions after a database outage).
     pub assignments: u64,
+    /// Stored offsets reset to the start of a re-created partition's log (`offsets`).
+    pub rewound: u64,
+    /// Partitions started past records deleted before the sink read them.
+    pub truncated: u64,
+    /// Owned partitions not fetched (`stored_offset_past_end = "hold"`), with why.
+    pub held: Vec<String>,
     /// Messages taken into batches (each one is written, repeated or dead-lettered).
     pub messages: u64,
     pub batches: u64,
@@ -156,6 +163,9 @@ pub struct SinkStatus {
     pub dedupe_batches: u64,
     /// Consumer errors (broker unreachable, transport) that were waited out.
     pub broker_errors: u64,
+    /// The latest broker-side error (a TLS certificate refused, a SASL login failed, brokers
+    /// down); kept after recovery.
+    pub last_broker_error: Option<String>,
     /// Wall time of the last batch's transaction, in milliseconds.
     pub last_batch_ms: u64,
     /// Messages behind the high watermarks, summed over assigned partitions (librdkafka's

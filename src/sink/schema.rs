@@ -40,6 +40,5 @@ pub async fn connect(url: &str) -> Result<Client, SinkError> {
     Ok(Database::new(url, None)?.connect().await?)
 }
 
-/// Starts every newly assigned partition exactly at PostgreSQL's stored offset: the
-/// assignment is made by us, with those offsets, inside librdkafka's rebalance callback (a
+/// The migrations applied so far.
 const SELECT_APPLIED_VERSIONS: &str = "SELECT version FROM refinery_schema_history";

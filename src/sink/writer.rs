@@ -71,7 +71,11 @@ WITH ev AS (INSERT INTO events SELECT * FROM stage_events ON CONFLICT (event_id)
             ON CONFLICT (event_id, idx) DO NOTHING RETURNING 1)
 SELECT (SELECT count(*) FROM ev), (SELECT count(*) FROM ob)";
 const INSERT_HEALTH: &str = "INSERT INTO device_health (event_id, device_id, captured_at, kind, message, evicted) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING";
-const INSERT_DEAD: &str = "INSERT INTO dead_letters (kafka_topic, kafka_partition, kafka_offset, payload, error) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING";
+/// A dead letter, keyed by its position in the partition's current log epoch (`offsets`).
+const INSERT_DEAD: &str = "
+INSERT INTO dead_letters (kafka_topic, kafka_partition, log_epoch, kafka_offset, payload, error)
+VALUES ($1, $2, COALESCE((SELECT log_epoch FROM sink_offsets WHERE kafka_topic = $1 AND kafka_partition = $2), 0), $3, $4, $5)
+ON CONFLICT DO NOTHING";
 const UPSERT_OFFSET: &str = "INSERT INTO sink_offsets (kafka_topic, kafka_partition, next_offset) VALUES ($1, $2, $3)
      ON CONFLICT (kafka_topic, kafka_partition) DO UPDATE SET next_offset = GREATEST(sink_offsets.next_offset, EXCLUDED.next_offset), updated_at = now()";
 

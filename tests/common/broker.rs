@@ -64,18 +64,29 @@ pub struct Broker {
 impl Broker {
     /// Starts tansu and its proxy; must run inside a tokio runtime (the proxy's tasks).
     pub async fn start() -> Self {
+        Self::start_with(&[], &[]).await
+    }
+
+    /// [`Broker::start`] with more `tansu broker` arguments (`--cert`, `--key`,
+    /// `--authentication`) and environment (`TANSU_SCRAM_USERS`: scripts/tansu/README.md).
+    pub async fn start_with(args: &[&str], env: &[(&str, &str)]) -> Self {
         for _ in 0..5 {
             let port = free_port();
             let upstream: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
             let proxy = FaultProxy::start("127.0.0.1:0".parse().unwrap(), upstream).await;
-            if let Some(b) = Self::spawn(port, proxy).await {
+            if let Some(b) = Self::spawn(port, proxy, args, env).await {
                 return b;
             }
         }
         panic!("tansu would not start on any port");
     }
 
-    async fn spawn(port: u16, proxy: FaultProxy) -> Option<Self> {
+    async fn spawn(
+        port: u16,
+        proxy: FaultProxy,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Option<Self> {
         let upstream: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let proxy_port = proxy.addr.port();
         let mut child = Command::new(tansu())
@@ -88,6 +99,8 @@ impl Broker {
                 "--storage-engine",
                 "memory://tansu/",
             ])
+            .args(args)
+            .envs(env.iter().copied())
             .stdout(broker_log())
             .stderr(broker_log())
             .spawn()
@@ -125,6 +138,25 @@ impl Broker {
             .expect("tansu topic create")
             .success();
         assert!(ok, "could not create topic {name}");
+    }
+
+    /// Deletes `name` (its records and watermarks go; a topic created again under the name
+    /// starts at offset 0).
+    pub fn delete_topic(&self, name: &str) {
+        let ok = Command::new(tansu())
+            .args([
+                "topic",
+                "delete",
+                name,
+                "--broker",
+                &format!("tcp://127.0.0.1:{}", self.port),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("tansu topic delete")
+            .success();
+        assert!(ok, "could not delete topic {name}");
     }
 
     /// Reads every message of `topic` from the beginning until `expect` distinct event ids

@@ -68,6 +68,7 @@ pub fn ort_reference() -> Vec<Reference> {
 }
 
 pub mod broker;
+pub mod certs;
 pub mod proxy;
 pub mod rig;
 pub mod tls_pg;
