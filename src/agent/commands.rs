@@ -269,6 +269,7 @@ pub fn status(config: Option<&Path>, outbox: Option<PathBuf>) -> Result<u8, Comm
         "agent_running": running,
         "source_up": state.as_ref().map(|s| s.source_up),
         "uplink_state": state.as_ref().and_then(|s| s.uplink_state),
+        "uplink_last_error": state.as_ref().and_then(|s| s.uplink_last_error.clone()),
         "state_age_s": age_s(now, state.as_ref().map(|s| s.updated_ms)),
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
@@ -330,6 +331,7 @@ pub fn outbox_drain(
             "dead_lettered": st.dead_lettered,
             "producer_rebuilds": st.producer_rebuilds,
             "outbox_depth": st.outbox_depth,
+            "last_error": st.last_error,
         })
     );
     Ok(exit::OK)

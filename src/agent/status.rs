@@ -20,6 +20,9 @@ pub struct AgentState {
     pub updated_ms: i64,
     pub source_up: bool,
     pub uplink_state: Option<uplink::State>,
+    /// Why deliveries last failed (a refused certificate, a failed SASL login, ...).
+    #[serde(default)]
+    pub uplink_last_error: Option<String>,
     pub frames_processed: u64,
     pub events_enqueued: u64,
 }
@@ -30,6 +33,7 @@ pub(super) fn write_state(path: &Path, m: &AgentMetrics, st: &UplinkStatus) {
         updated_ms: chrono::Utc::now().timestamp_millis(),
         source_up: m.camera_up.get() > 0.5,
         uplink_state: st.state,
+        uplink_last_error: st.last_error.clone(),
         frames_processed: m.frames_processed.get(),
         events_enqueued: m.events.get(),
     };

@@ -257,7 +257,16 @@ impl Uplink {
         } else if let Outcome::Retry(msg) = &o {
             tracing::debug!(error = %msg, "delivery failed; will retry");
         }
-        self.status.send_modify(|s| s.failed_deliveries += 1);
+        let why = match &o {
+            Outcome::Retry(m) | Outcome::Unauthorized(m) | Outcome::Refused(m) => Some(m.clone()),
+            _ => None,
+        };
+        self.status.send_modify(|s| {
+            s.failed_deliveries += 1;
+            if why.is_some() {
+                s.last_error = why;
+            }
+        });
     }
 
     pub(super) fn resolve(&mut self, seq: u64, outcome: Outcome) -> Result<(), UplinkError> {
@@ -266,6 +275,12 @@ impl Uplink {
             // timeout (in-flight messages still resolve on their own).
             tracing::debug!("all brokers down");
             self.failures += 1;
+            return Ok(());
+        }
+        if seq == LINK_ERROR {
+            if let Outcome::Retry(why) = outcome {
+                self.status.send_modify(|s| s.last_error = Some(why));
+            }
             return Ok(());
         }
         if !self.in_flight.remove(&seq) {

@@ -146,6 +146,9 @@ pub struct UplinkStatus {
     /// Deletes of acknowledged rows that failed (those rows are sent again after a restart;
     /// the sink dedupes them).
     pub ack_errors: u64,
+    /// The latest reason a delivery failed or the client could not talk to the broker (a TLS
+    /// certificate refused, a SASL login failed, the broker unreachable); kept after recovery.
+    pub last_error: Option<String>,
 }
 
 /// Called on every turn of the uplink's loop (at least every 50 ms while it runs, whatever its

@@ -177,6 +177,9 @@ pub(super) struct Reports {
 
 /// Sent on the report channel instead of a seq when librdkafka reports every broker down.
 pub(super) const LINK_DOWN: u64 = u64::MAX;
+/// Sent instead of a seq with any other client-wide error (a TLS handshake or a SASL login
+/// that failed, say): the operator's reason why nothing goes through.
+pub(super) const LINK_ERROR: u64 = u64::MAX - 1;
 
 impl ClientContext for Reports {
     fn error(&self, error: KafkaError, reason: &str) {
@@ -186,6 +189,9 @@ impl ClientContext for Reports {
                 .send((LINK_DOWN, Outcome::Retry(reason.to_string())));
         } else {
             tracing::warn!("librdkafka: {error}: {reason}");
+            let _ = self
+                .tx
+                .send((LINK_ERROR, Outcome::Retry(format!("{error}: {reason}"))));
         }
     }
 }
