@@ -19,9 +19,12 @@
 //!    files, the native checkpoint importer, model download).
 //! 4. `inference` — the inference stage: detector, class filter, rate cap, change
 //!    detection, `snapshots`; one detection event per frame.
-//! 5. `writer` — the outbox writer stage: group commit, retried until it is in.
-//! 6. [`outbox`] — the bounded, crash-safe SQLite queue (its module doc states the invariants).
-//! 7. [`uplink`] — drains the outbox to Kafka; rows are deleted only after the broker's
+//! 5. [`track`] — identities across frames (a ByteTrack-style tracker with a Kalman filter
+//!    per track) and what tracks do in the camera's zones and lines (`track::scene`). Not
+//!    wired into the pipeline yet (issue 14).
+//! 6. `writer` — the outbox writer stage: group commit, retried until it is in.
+//! 7. [`outbox`] — the bounded, crash-safe SQLite queue (its module doc states the invariants).
+//! 8. [`uplink`] — drains the outbox to Kafka; rows are deleted only after the broker's
 //!    acknowledgement; an explicit state machine.
 //!
 //! Around them: [`config`] (every key of `agent.toml`), `pipeline` (the wiring of `run`,
@@ -48,6 +51,8 @@ pub mod detect;
 
 mod inference;
 mod snapshots;
+
+pub mod track;
 
 mod writer;
 
