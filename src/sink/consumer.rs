@@ -71,6 +71,16 @@ struct Assignment {
 }
 
 impl Assignment {
+    /// Forgets the partitions (revoked by a rebalance); the counters are totals and stay.
+    fn revoke(&mut self) {
+        *self = Assignment {
+            made: self.made,
+            rewound: self.rewound,
+            truncated: self.truncated,
+            ..Assignment::default()
+        };
+    }
+
     /// Takes in an assignment made from `plan`.
     fn made_from(&mut self, plan: Plan) {
         self.fresh.extend(plan.fresh);
@@ -172,10 +182,7 @@ impl ConsumerContext for Ctx {
             tracing::info!("partitions revoked");
             let _ = base.unassign();
             if let Ok(mut a) = self.assignment.lock() {
-                *a = Assignment {
-                    made: a.made,
-                    ..Assignment::default()
-                };
+                a.revoke();
             }
             return;
         }
@@ -673,5 +680,26 @@ impl SinkStatus {
 
     fn consuming(&mut self) {
         self.phase = Phase::Consuming;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Assignment;
+
+    #[test]
+    fn a_revocation_forgets_the_partitions_and_keeps_the_totals() {
+        let mut a = Assignment {
+            owned: vec![1, 2],
+            fresh: vec![(1, 5)],
+            pending: true,
+            held: vec![(2, "past the end".into())],
+            made: 3,
+            rewound: 2,
+            truncated: 1,
+        };
+        a.revoke();
+        assert_eq!((a.made, a.rewound, a.truncated), (3, 2, 1));
+        assert!(a.owned.is_empty() && a.fresh.is_empty() && a.held.is_empty() && !a.pending);
     }
 }
