@@ -7,14 +7,11 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::broker::Broker;
+use common::broker::{consume_events, Broker};
 use edge_vision::agent::outbox::{Durability, Outbox, OutboxConfig};
 use edge_vision::agent::uplink::{self, State, UplinkConfig, UplinkStatus};
 use edge_vision::event::{Event, Kind, Object};
 use edge_vision::testkit::Synthetic;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
 use tokio::sync::watch;
 
 /// Event `i` from device `dev-1`; every third one without detections.
@@ -313,37 +310,6 @@ async fn oversized_events_are_dead_lettered_and_the_rest_flows() {
     assert_eq!(got, ids);
 }
 
-/// Every event on `topic` (all partitions from the start) until `expect` arrived or 60 s.
-fn consume_events(bootstrap: &str, topic: &str, partitions: i32, expect: usize) -> Vec<Event> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("read-{}", uuid::Uuid::now_v7()))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while out.len() < expect && Instant::now() < deadline {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-            out.push(edge_vision::event::decode(m.payload().unwrap()).unwrap());
-        }
-    }
-    // A little longer, to catch duplicates.
-    let tail = Instant::now() + Duration::from_millis(500);
-    while Instant::now() < tail {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-            out.push(edge_vision::event::decode(m.payload().unwrap()).unwrap());
-        }
-    }
-    out
-}
-
 /// Request errors injected by librdkafka's MockCluster: the uplink retries until the broker
 /// takes everything; nothing is lost or dead-lettered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -448,30 +414,13 @@ async fn rows_the_broker_refuses_are_parked_only_while_others_are_delivered() {
         .map(|e| e.health.unwrap().message.unwrap())
         .collect();
     assert!(!parked_detections.is_empty());
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", mock.bootstrap_servers())
-        .set("group.id", "parked-reader")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition_offset("late", 0, rdkafka::Offset::Beginning)
-        .unwrap();
-    consumer.assign(&tpl).unwrap();
     // Everything delivered is on the topic: the unparked detections and the announcements.
     let expect = usize::try_from(st.delivered).unwrap();
-    let mut announced = Vec::new();
-    let mut seen = 0;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while seen < expect && std::time::Instant::now() < deadline {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-            seen += 1;
-            let ev = edge_vision::event::decode(m.payload().unwrap()).unwrap();
-            if ev.kind == Kind::EventParked {
-                announced.push(ev.health.unwrap().message.unwrap());
-            }
-        }
-    }
+    let mut announced: Vec<String> = consume_events(&mock.bootstrap_servers(), "late", 1, expect)
+        .into_iter()
+        .filter(|e| e.kind == Kind::EventParked)
+        .map(|e| e.health.unwrap().message.unwrap())
+        .collect();
     announced.extend(parked_announcements);
     assert_eq!(
         announced.len(),

@@ -204,6 +204,50 @@ impl Broker {
     }
 }
 
+/// Every event on `topic` (all partitions from the start), decoded, until `expect` arrived or
+/// 60 s passed, and half a second more to catch duplicates. Any client's bootstrap (a
+/// MockCluster's too).
+pub fn consume_events(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    expect: usize,
+) -> Vec<edge_vision::event::Event> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("read-{}", uuid::Uuid::now_v7()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while out.len() < expect && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            out.push(
+                edge_vision::event::decode(m.payload().unwrap())
+                    .expect("every message is a valid event"),
+            );
+        }
+    }
+    // A little longer, to catch duplicates.
+    let tail = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < tail {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            out.push(
+                edge_vision::event::decode(m.payload().unwrap())
+                    .expect("every message is a valid event"),
+            );
+        }
+    }
+    out
+}
+
 impl Drop for Broker {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -159,6 +159,25 @@ fn class_ids(
         .map(Some)
 }
 
+/// A zone's or line's name: not empty, and no other zone or line has it (`names`: the names
+/// so far, with the key that has each).
+fn unique_name<'a>(
+    names: &mut HashMap<&'a str, String>,
+    key: &str,
+    name: &'a str,
+) -> Result<(), SceneError> {
+    if name.is_empty() {
+        return Err(refuse(format!("{key}.name"), "must not be empty"));
+    }
+    if let Some(first) = names.insert(name, key.to_string()) {
+        return Err(refuse(
+            format!("{key}.name"),
+            format!("`{name}` is also the name of {first}"),
+        ));
+    }
+    Ok(())
+}
+
 fn within(key: String, p: [f32; 2], frame: Option<(u32, u32)>) -> Result<(), SceneError> {
     if !p[0].is_finite() || !p[1].is_finite() {
         return Err(refuse(key, "coordinates must be finite numbers"));
@@ -187,15 +206,7 @@ impl Scene {
         let mut scene = Scene::default();
         for (i, z) in zones.iter().enumerate() {
             let key = format!("zones[{i}]");
-            if z.name.is_empty() {
-                return Err(refuse(format!("{key}.name"), "must not be empty"));
-            }
-            if let Some(first) = names.insert(&z.name, key.clone()) {
-                return Err(refuse(
-                    format!("{key}.name"),
-                    format!("`{}` is also the name of {first}", z.name),
-                ));
-            }
+            unique_name(&mut names, &key, &z.name)?;
             if z.polygon.len() < 3 {
                 return Err(refuse(
                     format!("{key}.polygon"),
@@ -216,15 +227,7 @@ impl Scene {
         }
         for (i, l) in lines.iter().enumerate() {
             let key = format!("lines[{i}]");
-            if l.name.is_empty() {
-                return Err(refuse(format!("{key}.name"), "must not be empty"));
-            }
-            if let Some(first) = names.insert(&l.name, key.clone()) {
-                return Err(refuse(
-                    format!("{key}.name"),
-                    format!("`{}` is also the name of {first}", l.name),
-                ));
-            }
+            unique_name(&mut names, &key, &l.name)?;
             within(format!("{key}.from"), l.from, frame)?;
             within(format!("{key}.to"), l.to, frame)?;
             if (l.to[0] - l.from[0]).hypot(l.to[1] - l.from[1]) < 1.0 {
